@@ -1,0 +1,112 @@
+"""Dense (fully connected) layers and the multilayer perceptron.
+
+A ``Dense`` layer is the neuron of the field vectorized: ``y = x @ W + b`` with
+``W: [in_features, features]``. An ``MLP`` stacks them with a named
+activation between layers, optional normalization and dropout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from nnlib.layers._checks import check_input, param_shape
+from nnlib.layers.activations import get_activation
+from nnlib.layers.normalization import BatchNorm, Dropout, LayerNorm
+
+Initializer = Callable[..., Array]
+
+
+class Dense(nn.Module):
+    """``y = x @ kernel + bias`` over the last axis.
+
+    Attributes:
+      features: output size.
+      use_bias: add a learned bias.
+      kernel_init: initializer for ``kernel: [in_features, features]``
+        (default LeCun normal, flax's and JAX's convention).
+      bias_init: initializer for ``bias: [features]``.
+      dtype: computation dtype (e.g. ``jnp.bfloat16``); ``None`` keeps the
+        input's dtype.
+      param_dtype: storage dtype of the parameters.
+
+    Shapes: ``x: [..., in_features] -> [..., features]``.
+    """
+
+    features: int
+    use_bias: bool = True
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "... in_features"]) -> Float[Array, "... features"]:
+        known = param_shape(self.variables, "params", "kernel")
+        check_input(
+            "Dense", x, layout="[..., in_features]", min_ndim=1,
+            features=known[0] if known else None,
+        )
+        kernel = self.param(
+            "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
+        )
+        dtype = self.dtype or x.dtype
+        y = jnp.matmul(x.astype(dtype), kernel.astype(dtype))  # [..., features]
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + bias.astype(dtype)
+        return y
+
+
+class MLP(nn.Module):
+    """Multilayer perceptron: ``[Dense -> norm -> activation -> dropout] * n -> Dense``.
+
+    Attributes:
+      hidden_sizes: widths of the hidden layers, e.g. ``(512, 512)``.
+      out_features: size of the final linear layer (no activation after it);
+        ``None`` ends on the last hidden layer's activation.
+      activation: name (see ``nnlib.layers.activations``) or callable.
+      dropout_rate: dropout after each hidden activation (active when
+        ``train=True``; needs the ``"dropout"`` rng).
+      normalization: ``None``, ``"layer"`` or ``"batch"``, applied before each
+        hidden activation. ``"batch"`` keeps running statistics in the mutable
+        ``"batch_stats"`` collection.
+      use_bias: biases in every Dense layer.
+
+    Shapes: ``x: [..., in_features] -> [..., out_features]`` (the batch is any
+    number of leading axes; ``"batch"`` normalization needs at least one).
+    """
+
+    hidden_sizes: Sequence[int]
+    out_features: int | None = None
+    activation: str | Callable[[Array], Array] = "relu"
+    dropout_rate: float = 0.0
+    normalization: str | None = None
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(
+        self, x: Float[Array, "... in_features"], *, train: bool = False
+    ) -> Float[Array, "... out_features"]:
+        check_input("MLP", x, layout="[..., in_features]", min_ndim=1)
+        if self.normalization not in (None, "layer", "batch"):
+            raise ValueError(
+                f"MLP normalization must be None, 'layer' or 'batch', "
+                f"got {self.normalization!r}"
+            )
+        act = get_activation(self.activation)
+        for i, width in enumerate(self.hidden_sizes):
+            x = Dense(width, use_bias=self.use_bias, name=f"dense_{i}")(x)
+            if self.normalization == "layer":
+                x = LayerNorm(name=f"norm_{i}")(x)
+            elif self.normalization == "batch":
+                x = BatchNorm(name=f"norm_{i}")(x, train=train)
+            x = act(x)
+            x = Dropout(self.dropout_rate, name=f"dropout_{i}")(x, train=train)
+        if self.out_features is not None:
+            x = Dense(self.out_features, use_bias=self.use_bias, name="output")(x)
+        return x

@@ -1,0 +1,194 @@
+"""Normalization and dropout.
+
+- ``LayerNorm`` normalizes each example over its feature axis (Ba et al. 2016).
+- ``BatchNorm`` normalizes each feature over the batch (Ioffe & Szegedy 2015).
+  Its running statistics live in the explicit mutable collection
+  ``"batch_stats"``: ``apply(..., train=True, mutable=["batch_stats"])`` returns
+  the updated statistics, ``train=False`` reads them. Nothing is hidden state.
+- ``Dropout`` zeroes units with probability ``rate`` during training and
+  rescales the rest by ``1 / (1 - rate)`` (inverted dropout), driven by an
+  explicit PRNG key: the ``"dropout"`` rng stream or an ``rng`` argument.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from nnlib.layers._checks import check_input, param_shape
+
+
+def _statistics_dtype(dtype) -> jnp.dtype:
+    """float32 for half-precision inputs, the input's own dtype otherwise."""
+    return jnp.dtype(jnp.float32) if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
+
+
+class LayerNorm(nn.Module):
+    """``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` over the last axis.
+
+    Attributes:
+      epsilon: added to the variance for stability.
+      use_scale: learn a per-feature scale (init 1).
+      use_bias: learn a per-feature bias (init 0).
+
+    Shapes: ``x: [..., features] -> [..., features]``.
+    """
+
+    epsilon: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "... features"]) -> Float[Array, "... features"]:
+        known = param_shape(self.variables, "params", "scale") or param_shape(
+            self.variables, "params", "bias"
+        )
+        check_input(
+            "LayerNorm", x, layout="[..., features]", min_ndim=1,
+            features=known[0] if known else None,
+        )
+        features = x.shape[-1]
+        # Statistics in float32 even for half-precision inputs: the variance of
+        # bf16 activations loses most of its digits otherwise.
+        x32 = x.astype(_statistics_dtype(x.dtype))
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.use_scale:
+            scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+            y = y * scale.astype(y.dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+            y = y + bias.astype(y.dtype)
+        return y.astype(x.dtype)
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization with explicit running statistics.
+
+    In training, normalizes with the batch's mean and (biased) variance over all
+    axes but the last, and updates ``batch_stats`` as
+    ``running = momentum * running + (1 - momentum) * batch`` (PyTorch's
+    ``momentum=0.1`` is ``momentum=0.9`` here; the running variance stores the
+    biased batch variance, as flax does). In evaluation, uses the running
+    statistics.
+
+    Attributes:
+      momentum: decay of the running averages.
+      epsilon: added to the variance.
+      axis_name: when set, batch statistics are averaged over this mapped axis
+        (``pmap``/``shard_map``), so every device normalizes with the global
+        batch's statistics (synchronized batch norm).
+
+    Shapes: ``x: [batch, ..., features] -> same``.
+
+    Example::
+
+        bn = BatchNorm()
+        variables = bn.init(key, x)               # {"params", "batch_stats"}
+        y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+        y_eval = bn.apply({**variables, **updates}, x)  # uses running stats
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(
+        self, x: Float[Array, "batch ... features"], *, train: bool = False
+    ) -> Float[Array, "batch ... features"]:
+        known = param_shape(self.variables, "params", "scale")
+        check_input(
+            "BatchNorm", x, layout="[batch, ..., features]", min_ndim=2,
+            features=known[0] if known else None,
+        )
+        features = x.shape[-1]
+        reduce_axes = tuple(range(x.ndim - 1))
+        ra_mean = self.variable(
+            "batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32)
+        )
+        ra_var = self.variable(
+            "batch_stats", "var", lambda: jnp.ones((features,), jnp.float32)
+        )
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        x32 = x.astype(_statistics_dtype(x.dtype))
+        if train:
+            mean = jnp.mean(x32, axis=reduce_axes)
+            mean_sq = jnp.mean(jnp.square(x32), axis=reduce_axes)
+            # init runs outside the mapped axis, where there is nothing to sync.
+            if self.axis_name is not None and not self.is_initializing():
+                mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
+            var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+            # init must not move the statistics: the first real step would
+            # otherwise start from a batch it never trained on.
+            if not self.is_initializing():
+                m = self.momentum
+                dtype = ra_mean.value.dtype
+                ra_mean.value = m * ra_mean.value + (1.0 - m) * mean.astype(dtype)
+                ra_var.value = m * ra_var.value + (1.0 - m) * var.astype(dtype)
+        else:
+            mean, var = ra_mean.value.astype(x32.dtype), ra_var.value.astype(x32.dtype)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = y * scale.astype(y.dtype) + bias.astype(y.dtype)
+        return y.astype(x.dtype)
+
+
+def dropout(
+    key: PRNGKeyArray, x: Float[Array, ...], rate: float
+) -> Float[Array, ...]:
+    """Inverted dropout as a pure function: ``x * mask / (1 - rate)``.
+
+    Args:
+      key: PRNG key; the same key gives the same mask.
+      x: any array.
+      rate: probability of zeroing a unit, in ``[0, 1)``... or exactly 1.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1], got {rate}")
+    if rate == 0.0:
+        return x
+    if rate == 1.0:
+        return jnp.zeros_like(x)
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class Dropout(nn.Module):
+    """Dropout layer; active only when ``train=True``.
+
+    Attributes:
+      rate: probability of zeroing a unit.
+
+    ``__call__(x, *, train=False, rng=None)``: the mask comes from ``rng`` when
+    given, else from the module's ``"dropout"`` rng stream
+    (``apply(..., rngs={"dropout": key})``).
+
+    Shapes: ``x: [...] -> [...]``.
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Float[Array, ...],
+        *,
+        train: bool = False,
+        rng: PRNGKeyArray | None = None,
+    ) -> Float[Array, ...]:
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"Dropout rate must be in [0, 1], got {self.rate}")
+        if not train or self.rate == 0.0:
+            return x
+        if rng is None:
+            if not self.has_rng("dropout"):
+                raise ValueError(
+                    "Dropout with train=True needs a PRNG key: pass "
+                    "rngs={'dropout': key} to apply/init, or rng=key"
+                )
+            rng = self.make_rng("dropout")
+        return dropout(rng, x, self.rate)

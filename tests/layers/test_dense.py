@@ -1,0 +1,148 @@
+"""Dense and MLP against numpy formulas and PyTorch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+from nnlib.layers import MLP, Dense, ShapeError
+
+KEY = jax.random.key(0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    batch=st.integers(1, 5),
+    extra=st.integers(0, 2),
+    fin=st.integers(1, 9),
+    fout=st.integers(1, 9),
+)
+def test_dense_shapes_and_numpy(batch, extra, fin, fout):
+    shape = (batch,) + (2,) * extra + (fin,)
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    layer = Dense(fout)
+    params = layer.init(KEY, x)["params"]
+    assert params["kernel"].shape == (fin, fout) and params["bias"].shape == (fout,)
+    y = layer.apply({"params": params}, x)
+    assert y.shape == shape[:-1] + (fout,)
+    ref = x @ np.asarray(params["kernel"]) + np.asarray(params["bias"])
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_without_bias_and_dtype():
+    x = jnp.ones((2, 3))
+    params = Dense(4, use_bias=False).init(KEY, x)["params"]
+    assert set(params) == {"kernel"}
+    y = Dense(4, dtype=jnp.bfloat16).apply(Dense(4).init(KEY, x), x)
+    assert y.dtype == jnp.bfloat16
+
+
+def test_dense_gradients():
+    with jax.enable_x64(True):
+        x = jax.random.normal(KEY, (3, 4), jnp.float64)
+        layer = Dense(5, param_dtype=jnp.float64)
+        params = layer.init(KEY, x)
+        f = lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)))
+        check_grads(f, (params, x), order=2, modes=("rev",))
+
+
+def test_dense_matches_torch():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(1).normal(size=(6, 7)).astype(np.float32)
+    params = Dense(3).init(KEY, x)["params"]
+    lin = torch.nn.Linear(7, 3)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(np.asarray(params["kernel"]).T.copy()))
+        lin.bias.copy_(torch.from_numpy(np.asarray(params["bias"])))
+        ref = lin(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(Dense(3).apply({"params": params}, x), ref, rtol=1e-5, atol=1e-6)
+
+
+def _numpy_mlp(params, x, act):
+    h = x
+    for i in range(len([k for k in params if k.startswith("dense_")])):
+        h = act(h @ np.asarray(params[f"dense_{i}"]["kernel"]) + np.asarray(params[f"dense_{i}"]["bias"]))
+    return h @ np.asarray(params["output"]["kernel"]) + np.asarray(params["output"]["bias"])
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu_exact"])
+def test_mlp_matches_numpy(activation):
+    import math
+
+    acts = {
+        "relu": lambda h: np.maximum(h, 0),
+        "tanh": np.tanh,
+        "gelu_exact": lambda h: 0.5 * h * (1 + np.vectorize(math.erf)(h / np.sqrt(2))),
+    }
+    x = np.random.default_rng(2).normal(size=(5, 6)).astype(np.float32)
+    mlp = MLP((8, 7), out_features=3, activation=activation)
+    params = mlp.init(KEY, x)["params"]
+    np.testing.assert_allclose(
+        mlp.apply({"params": params}, x), _numpy_mlp(params, x, acts[activation]),
+        rtol=1e-5, atol=1e-5,
+    )
+
+
+def test_mlp_without_output_layer_ends_on_activation():
+    x = jnp.linspace(-1, 1, 12).reshape(3, 4)
+    mlp = MLP((5,), activation="relu")
+    y = mlp.apply(mlp.init(KEY, x), x)
+    assert y.shape == (3, 5) and bool(jnp.all(y >= 0))
+
+
+def test_mlp_dropout_needs_train_and_key():
+    x = jnp.ones((64, 16))
+    mlp = MLP((128,), out_features=4, dropout_rate=0.5)
+    v = mlp.init(KEY, x)
+    eval_out = mlp.apply(v, x)
+    np.testing.assert_array_equal(eval_out, mlp.apply(v, x, train=False))
+    a = mlp.apply(v, x, train=True, rngs={"dropout": jax.random.key(1)})
+    b = mlp.apply(v, x, train=True, rngs={"dropout": jax.random.key(1)})
+    c = mlp.apply(v, x, train=True, rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c) and not np.allclose(a, eval_out)
+    with pytest.raises(ValueError, match="Dropout with train=True needs a PRNG key"):
+        mlp.apply(v, x, train=True)
+
+
+def test_mlp_batch_norm_updates_stats_only_in_training():
+    x = jax.random.normal(KEY, (32, 6)) * 3 + 1
+    mlp = MLP((8,), out_features=2, normalization="batch")
+    v = mlp.init(KEY, x)
+    _, upd = mlp.apply(v, x, train=True, mutable=["batch_stats"])
+    assert not np.allclose(upd["batch_stats"]["norm_0"]["mean"], v["batch_stats"]["norm_0"]["mean"])
+    _, same = mlp.apply(v, x, train=False, mutable=["batch_stats"])
+    np.testing.assert_array_equal(same["batch_stats"]["norm_0"]["mean"], v["batch_stats"]["norm_0"]["mean"])
+
+
+def test_mlp_layer_norm_output_shape():
+    x = jnp.ones((2, 3, 4))
+    mlp = MLP((6, 6), out_features=1, normalization="layer")
+    assert mlp.apply(mlp.init(KEY, x), x).shape == (2, 3, 1)
+
+
+def test_dense_bad_inputs():
+    layer = Dense(4)
+    params = layer.init(KEY, jnp.ones((2, 3)))
+    with pytest.raises(ShapeError, match=r"Dense expected inputs .*features=3, got shape \(2, 5\)"):
+        layer.apply(params, jnp.ones((2, 5)))
+    with pytest.raises(TypeError, match=r"Dense expected floating-point inputs.*int32"):
+        layer.apply(params, jnp.ones((2, 3), jnp.int32))
+    with pytest.raises(ShapeError, match=r"Dense expected inputs.*rank >= 1.*got shape \(\)"):
+        layer.apply(params, jnp.float32(1.0))
+    with pytest.raises(TypeError, match="Dense expected inputs to be an array, got list"):
+        layer.apply(params, [[1.0, 2.0, 3.0]])
+
+
+def test_mlp_bad_inputs():
+    with pytest.raises(ValueError, match="MLP normalization must be None, 'layer' or 'batch'"):
+        MLP((3,), normalization="group").init(KEY, jnp.ones((2, 3)))
+    with pytest.raises(TypeError, match="MLP expected floating-point inputs"):
+        MLP((3,)).init(KEY, jnp.ones((2, 3), jnp.int32))
+    mlp = MLP((3,), out_features=2)
+    v = mlp.init(KEY, jnp.ones((2, 4)))
+    with pytest.raises(ShapeError, match=r"Dense expected inputs .*features=4, got shape \(2, 7\)"):
+        mlp.apply(v, jnp.ones((2, 7)))

@@ -1,0 +1,176 @@
+"""LayerNorm, BatchNorm and dropout against numpy formulas and PyTorch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+from nnlib.layers import BatchNorm, Dropout, LayerNorm, ShapeError, dropout
+
+KEY = jax.random.key(0)
+
+
+def _rand(shape, seed=0, scale=1.0, shift=0.0):
+    return (np.random.default_rng(seed).normal(size=shape) * scale + shift).astype(np.float32)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=3), st.integers(2, 9))
+def test_layer_norm_matches_numpy(lead, features):
+    x = _rand((*lead, features), scale=3.0, shift=2.0)
+    ln = LayerNorm()
+    params = ln.init(KEY, x)
+    # Non-trivial scale and bias so both are exercised.
+    params = jax.tree.map(lambda p: p + 0.5, params)
+    mean = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)
+    ref = (x - mean) / np.sqrt(var + 1e-5) * 1.5 + 0.5
+    np.testing.assert_allclose(ln.apply(params, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_without_affine_and_bf16():
+    x = _rand((4, 8))
+    ln = LayerNorm(use_scale=False, use_bias=False)
+    assert ln.init(KEY, x) == {}
+    y = ln.apply({}, x)
+    np.testing.assert_allclose(y.mean(-1), 0, atol=1e-6)
+    yb = ln.apply({}, jnp.asarray(x, jnp.bfloat16))
+    assert yb.dtype == jnp.bfloat16
+
+
+def test_layer_norm_matches_torch():
+    torch = pytest.importorskip("torch")
+    x = _rand((3, 5, 6), seed=1)
+    params = jax.tree.map(lambda p: p * 0.7 + 0.1, LayerNorm().init(KEY, x))
+    ref = torch.nn.LayerNorm(6, eps=1e-5)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(np.asarray(params["params"]["scale"])))
+        ref.bias.copy_(torch.from_numpy(np.asarray(params["params"]["bias"])))
+        want = ref(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(LayerNorm().apply(params, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_gradients():
+    with jax.enable_x64(True):
+        x = jax.random.normal(KEY, (3, 5), jnp.float64)
+        ln = LayerNorm()
+        p = jax.tree.map(lambda a: a.astype(jnp.float64), ln.init(KEY, x))
+        check_grads(lambda p, x: jnp.sum(jnp.sin(ln.apply(p, x))), (p, x), order=2,
+                    modes=("rev",))
+
+
+@pytest.mark.parametrize("shape", [(16, 4), (8, 3, 3, 5)])
+def test_batch_norm_train_and_eval_match_numpy(shape):
+    x = _rand(shape, scale=2.0, shift=-1.0)
+    bn = BatchNorm(momentum=0.9)
+    v = bn.init(KEY, x)
+    y, upd = bn.apply(v, x, train=True, mutable=["batch_stats"])
+    axes = tuple(range(len(shape) - 1))
+    mean, var = x.mean(axes), x.var(axes)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
+    stats = upd["batch_stats"]
+    np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var, rtol=1e-5, atol=1e-6)
+    # Evaluation uses the running statistics, and leaves them alone.
+    y_eval, same = bn.apply({**v, **upd}, x, mutable=["batch_stats"])
+    ref_eval = (x - stats["mean"]) / np.sqrt(np.asarray(stats["var"]) + 1e-5)
+    np.testing.assert_allclose(y_eval, ref_eval, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(same["batch_stats"]["mean"], stats["mean"])
+
+
+def test_batch_norm_init_does_not_move_statistics():
+    v = BatchNorm().init(KEY, _rand((8, 3), shift=5.0), train=True)
+    np.testing.assert_array_equal(v["batch_stats"]["mean"], np.zeros(3))
+    np.testing.assert_array_equal(v["batch_stats"]["var"], np.ones(3))
+
+
+def test_batch_norm_matches_torch_over_steps():
+    torch = pytest.importorskip("torch")
+    bn = BatchNorm(momentum=0.9)
+    ref = torch.nn.BatchNorm2d(4, eps=1e-5, momentum=0.1)
+    v = bn.init(KEY, _rand((2, 3, 3, 4)))
+    for step in range(3):
+        x = _rand((6, 5, 5, 4), seed=step, scale=2.0, shift=1.0)
+        y, upd = bn.apply(v, x, train=True, mutable=["batch_stats"])
+        v = {**v, **upd}
+        ref.train()
+        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(v["batch_stats"]["mean"], ref.running_mean.numpy(), rtol=1e-5,
+                               atol=1e-6)
+    # PyTorch's running variance is unbiased (n / (n - 1)); nnlib stores the
+    # biased one, as flax does. They agree up to that factor's effect.
+    np.testing.assert_allclose(v["batch_stats"]["var"], ref.running_var.numpy(), rtol=2e-2)
+    ref.eval()
+    x = _rand((2, 5, 5, 4), seed=9)
+    got = bn.apply(v, x)
+    assert got.shape == x.shape
+
+
+def test_batch_norm_synchronized_over_axis():
+    x = _rand((4, 8, 3), shift=2.0)  # 4 "devices" x 8 examples
+    bn = BatchNorm(axis_name="devices")
+    v = bn.init(KEY, x[0])
+    f = lambda xs: bn.apply(v, xs, train=True, mutable=["batch_stats"])
+    y, upd = jax.vmap(f, axis_name="devices")(x)
+    y_global, upd_global = BatchNorm().apply(v, x.reshape(32, 3), train=True,
+                                             mutable=["batch_stats"])
+    np.testing.assert_allclose(y.reshape(32, 3), y_global, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"][0], upd_global["batch_stats"]["mean"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_batch_norm_gradients():
+    with jax.enable_x64(True):
+        x = jax.random.normal(KEY, (6, 3), jnp.float64)
+        bn = BatchNorm()
+        v = bn.init(KEY, x)
+        f = lambda p, x: jnp.sum(
+            jnp.sin(bn.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
+                             mutable=["batch_stats"])[0]))
+        p = jax.tree.map(lambda a: a.astype(jnp.float64), v["params"])
+        check_grads(f, (p, x), order=1, modes=("rev",))
+
+
+def test_dropout_statistics_and_determinism():
+    x = jnp.ones((200, 100))
+    y = dropout(KEY, x, 0.3)
+    kept = np.asarray(y) != 0
+    assert abs(kept.mean() - 0.7) < 0.01
+    np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.7, rtol=1e-6)
+    np.testing.assert_array_equal(y, dropout(KEY, x, 0.3))
+    np.testing.assert_array_equal(dropout(KEY, x, 0.0), x)
+    np.testing.assert_array_equal(dropout(KEY, x, 1.0), 0 * x)
+    with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\], got 1.5"):
+        dropout(KEY, x, 1.5)
+
+
+def test_dropout_module_key_sources():
+    x = jnp.ones((10, 10))
+    d = Dropout(0.5)
+    np.testing.assert_array_equal(d.apply({}, x), x)
+    a = d.apply({}, x, train=True, rng=jax.random.key(3))
+    b = d.apply({}, x, train=True, rngs={"dropout": jax.random.key(3)})
+    assert a.shape == b.shape and not np.array_equal(a, x)
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        d.apply({}, x, train=True)
+    with pytest.raises(ValueError, match=r"Dropout rate must be in \[0, 1\], got -0.1"):
+        Dropout(-0.1).apply({}, x, train=True, rng=KEY)
+
+
+def test_normalization_bad_inputs():
+    ln = LayerNorm()
+    v = ln.init(KEY, jnp.ones((2, 4)))
+    with pytest.raises(ShapeError, match=r"LayerNorm expected inputs .*features=4, got shape \(2, 5\)"):
+        ln.apply(v, jnp.ones((2, 5)))
+    with pytest.raises(TypeError, match="LayerNorm expected floating-point inputs"):
+        ln.apply(v, jnp.ones((2, 4), jnp.int32))
+    bn = BatchNorm()
+    vb = bn.init(KEY, jnp.ones((2, 4)))
+    with pytest.raises(ShapeError, match=r"BatchNorm expected inputs of shape \[batch, \.\.\., features\] \(rank >= 2\), got shape \(4,\)"):
+        bn.apply(vb, jnp.ones((4,)))
+    with pytest.raises(ShapeError, match=r"BatchNorm expected inputs .*features=4, got shape \(2, 3\)"):
+        bn.apply(vb, jnp.ones((2, 3)))
