@@ -7,18 +7,43 @@ PRNG keys (``rngs={"dropout": key}``) and mutable state (BatchNorm's
 
 from nnlib.layers._checks import ShapeError
 from nnlib.layers.activations import ACTIVATIONS, Activation, get_activation
+from nnlib.layers.conv import Conv1D, Conv2D, ConvBlock1D, ConvBlock2D
 from nnlib.layers.dense import MLP, Dense
 from nnlib.layers.normalization import BatchNorm, Dropout, LayerNorm, dropout
+from nnlib.layers.pooling import (
+    AvgPool1D,
+    AvgPool2D,
+    Flatten,
+    GlobalAvgPool,
+    GlobalMaxPool,
+    MaxPool1D,
+    MaxPool2D,
+    avg_pool,
+    max_pool,
+)
 
 __all__ = [
     "ACTIVATIONS",
     "MLP",
     "Activation",
+    "AvgPool1D",
+    "AvgPool2D",
     "BatchNorm",
+    "Conv1D",
+    "Conv2D",
+    "ConvBlock1D",
+    "ConvBlock2D",
     "Dense",
     "Dropout",
+    "Flatten",
+    "GlobalAvgPool",
+    "GlobalMaxPool",
     "LayerNorm",
+    "MaxPool1D",
+    "MaxPool2D",
     "ShapeError",
+    "avg_pool",
     "dropout",
     "get_activation",
+    "max_pool",
 ]

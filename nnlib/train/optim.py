@@ -1,0 +1,158 @@
+"""Optimizers and schedules, all optax, chosen by name from plain config values.
+
+``make_optimizer`` builds the chain every experiment needs::
+
+    clip_by_global_norm -> optimizer (with weight decay) -> freeze mask
+    -> gradient accumulation (optax.MultiSteps)
+
+Weight decay applies to weight matrices and kernels only (``ndim >= 2``); biases
+and normalization scales are not decayed (the AdamW paper's practice, and
+nanoGPT's). Frozen parameters are selected by regular expressions on their
+path, ``"encoder/layers_0/.*"``, and receive exactly zero updates.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import optax
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "lion")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear", "warmup_linear")
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """``(DictKey('dense_0'), DictKey('kernel'))`` -> ``"dense_0/kernel"``."""
+    parts = []
+    for p in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(p, attr):
+                parts.append(str(getattr(p, attr)))
+                break
+        else:
+            parts.append(str(p))
+    return "/".join(parts)
+
+
+def make_schedule(
+    learning_rate: float,
+    schedule: str = "constant",
+    *,
+    total_steps: int | None = None,
+    warmup_steps: int = 0,
+    end_value: float = 0.0,
+) -> optax.Schedule:
+    """A learning-rate schedule by name.
+
+    Args:
+      learning_rate: peak learning rate.
+      schedule: one of ``SCHEDULES``. ``warmup_*`` ramp linearly from 0 over
+        ``warmup_steps`` then decay to ``end_value`` at ``total_steps``.
+      total_steps: length of the decay (needed by all but ``"constant"``).
+      warmup_steps: linear warm-up length.
+      end_value: final learning rate.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    if schedule == "constant":
+        if warmup_steps:
+            return optax.join_schedules(
+                [optax.linear_schedule(0.0, learning_rate, warmup_steps),
+                 optax.constant_schedule(learning_rate)], [warmup_steps])
+        return optax.constant_schedule(learning_rate)
+    if total_steps is None or total_steps <= warmup_steps:
+        raise ValueError(
+            f"schedule {schedule!r} needs total_steps > warmup_steps, got "
+            f"total_steps={total_steps}, warmup_steps={warmup_steps}"
+        )
+    if schedule in ("cosine", "warmup_cosine"):
+        return optax.warmup_cosine_decay_schedule(
+            0.0 if warmup_steps else learning_rate, learning_rate,
+            warmup_steps, total_steps, end_value)
+    decay = optax.linear_schedule(learning_rate, end_value, total_steps - warmup_steps)
+    if not warmup_steps:
+        return decay
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, warmup_steps), decay], [warmup_steps])
+
+
+def decay_mask(params: Any) -> Any:
+    """True for kernels and weight matrices (``ndim >= 2``), False otherwise."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def frozen_labels(params: Any, frozen: Sequence[str]) -> Any:
+    """``"frozen"`` for parameters whose path matches any pattern, else ``"train"``."""
+    patterns = [re.compile(p) for p in frozen]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen"
+        if any(p.fullmatch(path_str(path)) for p in patterns) else "train",
+        params,
+    )
+
+
+def make_optimizer(
+    name: str = "adamw",
+    learning_rate: float | optax.Schedule = 1e-3,
+    *,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    clip_norm: float | None = None,
+    accumulate_steps: int = 1,
+    frozen: Sequence[str] = (),
+) -> optax.GradientTransformation:
+    """An optax optimizer by name, with clipping, decay, freezing and accumulation.
+
+    Args:
+      name: one of ``OPTIMIZERS``.
+      learning_rate: a float or an optax schedule (``make_schedule``).
+      weight_decay: decoupled weight decay (AdamW-style for ``"adamw"`` and
+        ``"lion"``; added to the gradient, i.e. L2, for the others), applied to
+        ``ndim >= 2`` parameters only.
+      momentum: for ``"momentum"``, ``"nesterov"`` and ``"rmsprop"``.
+      b1, b2, eps: Adam-family moments.
+      clip_norm: clip the global gradient norm to this value first.
+      accumulate_steps: average gradients over this many calls before one
+        update (``optax.MultiSteps``); between updates, parameters don't move.
+      frozen: regular expressions (full match) on parameter paths such as
+        ``"encoder/.*"``; matching parameters get zero updates and no
+        optimizer state.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+    if accumulate_steps < 1:
+        raise ValueError(f"accumulate_steps must be >= 1, got {accumulate_steps}")
+    lr = learning_rate
+    if name == "adamw":
+        opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    elif name == "lion":
+        opt = optax.lion(lr, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)
+    else:
+        base = {
+            "sgd": lambda: optax.sgd(lr),
+            "momentum": lambda: optax.sgd(lr, momentum=momentum),
+            "nesterov": lambda: optax.sgd(lr, momentum=momentum, nesterov=True),
+            "adam": lambda: optax.adam(lr, b1=b1, b2=b2, eps=eps),
+            "rmsprop": lambda: optax.rmsprop(lr, momentum=momentum, eps=eps),
+            "adagrad": lambda: optax.adagrad(lr, eps=eps),
+        }[name]()
+        opt = base
+        if weight_decay:
+            opt = optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask), base)
+    if clip_norm is not None:
+        opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt)
+    if frozen:
+        frozen = tuple(frozen)
+        opt = optax.multi_transform(
+            {"train": opt, "frozen": optax.set_to_zero()},
+            lambda params: frozen_labels(params, frozen),
+        )
+    if accumulate_steps > 1:
+        opt = optax.MultiSteps(opt, every_k_schedule=accumulate_steps)
+    return opt

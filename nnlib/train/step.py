@@ -1,0 +1,205 @@
+"""Pure train and eval steps: ``(state, batch) -> (state, metrics)``.
+
+One definition serves every composition: ``jax.jit`` it for one device,
+``jax.vmap`` it over a stacked state for an ensemble of seeds, run it under a
+device mesh (``nnlib.train.parallel``) for data parallelism.
+
+A batch is a dict of arrays with a leading batch axis: ``"inputs"`` (whatever
+the model's ``__call__`` takes first), ``"labels"``, and optionally ``"mask"``
+([batch] float/bool, 0 for the padding rows of a padded last batch; padded rows
+contribute nothing to the loss, the gradients or the metrics).
+
+A loss function maps ``(outputs, batch) -> (loss, metrics)`` where ``loss`` is
+a scalar and ``metrics`` a dict of scalars, both means over the unmasked
+examples; ``classification_loss`` and ``regression_loss`` are the common ones.
+
+Randomness: the step's key is ``fold_in(state.key, state.step)`` and each rng
+stream (``"dropout"`` by default) gets its own ``fold_in`` of that, so steps
+never reuse a key and a resumed run repeats an uninterrupted one exactly.
+
+Non-finite guard: when the loss or any gradient is NaN/Inf, the step returns
+the *incoming* state unchanged, with ``metrics["finite"] = False`` and
+``metrics["nonfinite_leaf"]`` the index (in ``jax.tree.leaves(params)`` order)
+of the first non-finite gradient leaf, or -1 if only the loss was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from nnlib.train.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+LossFn = Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _example_weights(batch: Batch, n: int) -> jax.Array:
+    mask = batch.get("mask")
+    if mask is None:
+        return jnp.ones((n,), jnp.float32)
+    return jnp.asarray(mask).astype(jnp.float32)
+
+
+def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def classification_loss(label_smoothing: float = 0.0) -> LossFn:
+    """Softmax cross-entropy on ``outputs: [batch, classes]`` (or ``[batch, ...,
+    classes]`` with labels ``[batch, ...]``) with accuracy as a metric."""
+
+    def loss_fn(logits: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        labels = batch["labels"]
+        num_classes = logits.shape[-1]
+        onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+        if label_smoothing:
+            onehot = onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
+        per_item = optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        weights = _example_weights(batch, labels.shape[0])
+        weights = weights.reshape(weights.shape + (1,) * (labels.ndim - 1))
+        weights = jnp.broadcast_to(weights, labels.shape)
+        loss = _weighted_mean(per_item, weights)
+        return loss, {"loss": loss, "accuracy": _weighted_mean(correct, weights)}
+
+    return loss_fn
+
+
+def regression_loss() -> LossFn:
+    """Mean squared error on ``outputs`` and ``batch["labels"]`` of the same shape."""
+
+    def loss_fn(predictions: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        targets = batch["labels"]
+        per_example = jnp.mean(
+            jnp.square(predictions - targets).reshape(targets.shape[0], -1), axis=-1)
+        loss = _weighted_mean(per_example, _example_weights(batch, targets.shape[0]))
+        return loss, {"loss": loss}
+
+    return loss_fn
+
+
+def _forward(
+    state: TrainState,
+    params: Any,
+    batch: Batch,
+    *,
+    train: bool,
+    key: jax.Array | None,
+    rng_streams: Sequence[str],
+) -> tuple[Any, Mapping[str, Any]]:
+    """Runs the model; returns (outputs, updated mutable collections)."""
+    variables = {"params": params, **state.collections}
+    rngs = None
+    if key is not None:
+        rngs = {name: jax.random.fold_in(key, i) for i, name in enumerate(rng_streams)}
+    if train and state.collections:
+        outputs, updated = state.apply_fn(
+            variables, batch["inputs"], train=True, rngs=rngs,
+            mutable=list(state.collections))
+        return outputs, {**state.collections, **updated}
+    return state.apply_fn(variables, batch["inputs"], train=train, rngs=rngs), state.collections
+
+
+def make_train_step(
+    loss_fn: LossFn | None = None,
+    *,
+    axis_name: str | None = None,
+    gradient_reduction: str = "loss",
+    rng_streams: Sequence[str] = ("dropout",),
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds the pure train step ``(state, batch) -> (state, metrics)``.
+
+    Args:
+      loss_fn: ``(outputs, batch) -> (loss, metrics)``; defaults to
+        ``classification_loss()``.
+      axis_name: name of the mapped device axis when the step runs per device
+        (``shard_map``, ``pmap``); gradients and metrics are then averaged over
+        it. ``None`` for a single device or a jit-with-shardings mesh step,
+        where XLA inserts the reductions itself.
+      gradient_reduction: how gradients are averaged over ``axis_name``.
+        ``"loss"`` takes ``pmean`` of the loss *inside* the differentiated
+        function — right under ``jax.shard_map`` (whose transpose rules then
+        sum the replicated parameters' cotangents); ``"gradients"`` takes
+        ``pmean`` of the gradients afterwards — right under ``jax.pmap``.
+        Using the pmap pattern under ``shard_map`` silently scales gradients by
+        the device count, so the choice is explicit.
+      rng_streams: names of the rng streams the model draws from when
+        ``train=True``.
+
+    The returned function is not jitted: wrap it in ``jax.jit`` (with
+    ``donate_argnums=0`` to update the state in place), ``jax.vmap`` or a mesh.
+    """
+    loss_fn = loss_fn or classification_loss()
+    if gradient_reduction not in ("loss", "gradients"):
+        raise ValueError(
+            f"gradient_reduction must be 'loss' or 'gradients', got {gradient_reduction!r}")
+
+    def objective(params, state, batch, key):
+        outputs, collections = _forward(
+            state, params, batch, train=True, key=key, rng_streams=rng_streams)
+        loss, metrics = loss_fn(outputs, batch)
+        if axis_name is not None and gradient_reduction == "loss":
+            loss = jax.lax.pmean(loss, axis_name)
+        return loss, (metrics, collections)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        key = jax.random.fold_in(state.rng, state.step)
+        (loss, (metrics, collections)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params, state, batch, key)
+        if axis_name is not None:
+            if gradient_reduction == "gradients":
+                grads = jax.lax.pmean(grads, axis_name)
+            metrics = jax.lax.pmean(metrics, axis_name)
+        leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        finite = jnp.isfinite(loss) & jnp.all(leaf_finite)
+        new_state = state.apply_gradients(grads, collections)
+        # Keep the last good state on NaN/Inf: the loop stops and saves it.
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        first_bad = jnp.where(jnp.all(leaf_finite), -1, jnp.argmin(leaf_finite))
+        metrics = {
+            **metrics,
+            "grad_norm": optax.tree.norm(grads),
+            "finite": finite,
+            "nonfinite_leaf": first_bad.astype(jnp.int32),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(
+    loss_fn: LossFn | None = None, *, axis_name: str | None = None
+) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+    """Builds ``(state, batch) -> metrics`` in evaluation mode (no dropout,
+    running BatchNorm statistics). ``metrics["count"]`` is the number of real
+    (unmasked) examples, so ``nnlib.train.average_metrics`` can combine
+    batches of different sizes exactly."""
+    loss_fn = loss_fn or classification_loss()
+
+    def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+        outputs, _ = _forward(state, state.params, batch, train=False, key=None, rng_streams=())
+        _, metrics = loss_fn(outputs, batch)
+        leaves = jax.tree.leaves(batch["labels"])
+        metrics = {**metrics, "count": jnp.sum(_example_weights(batch, leaves[0].shape[0]))}
+        if axis_name is not None:
+            count = jax.lax.psum(metrics["count"], axis_name)
+            metrics = {k: jax.lax.psum(v * metrics["count"], axis_name) / jnp.maximum(count, 1.0)
+                       for k, v in metrics.items() if k != "count"} | {"count": count}
+        return metrics
+
+    return eval_step
+
+
+def average_metrics(per_batch: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Combines eval-step metrics over batches, weighting each by its ``count``."""
+    total = sum(float(m["count"]) for m in per_batch)
+    if total == 0:
+        return {}
+    keys = [k for k in per_batch[0] if k != "count"]
+    return {k: sum(float(m[k]) * float(m["count"]) for m in per_batch) / total for k in keys} | {
+        "count": total}
