@@ -7,6 +7,14 @@ PRNG keys (``rngs={"dropout": key}``) and mutable state (BatchNorm's
 
 from nnlib.layers._checks import ShapeError
 from nnlib.layers.activations import ACTIVATIONS, Activation, get_activation
+from nnlib.layers.attention import (
+    MultiHeadAttention,
+    causal_mask,
+    combine_masks,
+    dot_product_attention,
+    dot_product_attention_weights,
+    padding_mask,
+)
 from nnlib.layers.conv import Conv1D, Conv2D, ConvBlock1D, ConvBlock2D
 from nnlib.layers.dense import MLP, Dense
 from nnlib.layers.normalization import BatchNorm, Dropout, LayerNorm, dropout
@@ -29,11 +37,18 @@ from nnlib.layers.recurrent import (
     RecurrentCell,
     SimpleRNNCell,
 )
+from nnlib.layers.transformer import (
+    LearnedPositionalEmbedding,
+    SinusoidalPositionalEncoding,
+    TransformerDecoder,
+    TransformerDecoderBlock,
+    TransformerEncoder,
+    TransformerEncoderBlock,
+    sinusoidal_positions,
+)
 
 __all__ = [
     "ACTIVATIONS",
-    "MLP",
-    "RNN",
     "Activation",
     "AvgPool1D",
     "AvgPool2D",
@@ -51,13 +66,28 @@ __all__ = [
     "GlobalMaxPool",
     "LSTMCell",
     "LayerNorm",
+    "LearnedPositionalEmbedding",
+    "MLP",
     "MaxPool1D",
     "MaxPool2D",
+    "MultiHeadAttention",
+    "RNN",
     "RecurrentCell",
     "ShapeError",
     "SimpleRNNCell",
+    "SinusoidalPositionalEncoding",
+    "TransformerDecoder",
+    "TransformerDecoderBlock",
+    "TransformerEncoder",
+    "TransformerEncoderBlock",
     "avg_pool",
+    "causal_mask",
+    "combine_masks",
+    "dot_product_attention",
+    "dot_product_attention_weights",
     "dropout",
     "get_activation",
     "max_pool",
+    "padding_mask",
+    "sinusoidal_positions",
 ]
