@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nnlib import losses
+from nnlib import metrics as metrics_lib
 from nnlib.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -45,27 +47,16 @@ def _example_weights(batch: Batch, n: int) -> jax.Array:
     return jnp.asarray(mask).astype(jnp.float32)
 
 
-def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
-    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
 def classification_loss(label_smoothing: float = 0.0) -> LossFn:
     """Softmax cross-entropy on ``outputs: [batch, classes]`` (or ``[batch, ...,
-    classes]`` with labels ``[batch, ...]``) with accuracy as a metric."""
+    classes]`` with labels ``[batch, ...]``) with accuracy as a metric; the
+    batch's ``"mask"`` weights examples."""
 
     def loss_fn(logits: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-        labels = batch["labels"]
-        num_classes = logits.shape[-1]
-        onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-        if label_smoothing:
-            onehot = onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
-        per_item = optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
-        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        weights = _example_weights(batch, labels.shape[0])
-        weights = weights.reshape(weights.shape + (1,) * (labels.ndim - 1))
-        weights = jnp.broadcast_to(weights, labels.shape)
-        loss = _weighted_mean(per_item, weights)
-        return loss, {"loss": loss, "accuracy": _weighted_mean(correct, weights)}
+        labels, mask = batch["labels"], batch.get("mask")
+        loss = losses.softmax_cross_entropy(logits, labels, label_smoothing=label_smoothing,
+                                            mask=mask)
+        return loss, {"loss": loss, "accuracy": metrics_lib.accuracy(logits, labels, mask=mask)}
 
     return loss_fn
 
@@ -74,10 +65,7 @@ def regression_loss() -> LossFn:
     """Mean squared error on ``outputs`` and ``batch["labels"]`` of the same shape."""
 
     def loss_fn(predictions: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-        targets = batch["labels"]
-        per_example = jnp.mean(
-            jnp.square(predictions - targets).reshape(targets.shape[0], -1), axis=-1)
-        loss = _weighted_mean(per_example, _example_weights(batch, targets.shape[0]))
+        loss = losses.mean_squared_error(predictions, batch["labels"], mask=batch.get("mask"))
         return loss, {"loss": loss}
 
     return loss_fn
