@@ -16,6 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 64
     c.num_epochs = 40
     c.num_steps = 0
-    c.log_every = 20
+    c.log_every = 100
+    c.eval_every = 100
+    c.checkpoint_every = 500
     c.seed = 0
     return c
