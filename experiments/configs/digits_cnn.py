@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.warmup_steps = 50
     c.weight_decay = 1e-4
     c.batch_size = 64
-    c.num_epochs = 40
+    c.num_epochs = 80
     c.num_steps = 0
     c.log_every = 100
     c.eval_every = 100
