@@ -101,9 +101,12 @@ def _positions_or_range(
         )
     # Only concrete positions can be checked; under jit out-of-range indices
     # would be clamped silently by the gather, so check before jitting.
+    # numpy, not jnp: a concrete array captured inside a jit trace would turn
+    # into a tracer under jnp.max.
     if not isinstance(positions, jax.core.Tracer) and positions.size:
-        top = int(jnp.max(positions))
-        if top >= max_len or int(jnp.min(positions)) < 0:
+        concrete = np.asarray(positions)
+        top = int(concrete.max())
+        if top >= max_len or int(concrete.min()) < 0:
             raise ShapeError(
                 f"{layer} got positions up to {top}, outside [0, max_len={max_len})"
             )

@@ -528,3 +528,12 @@ def test_error_cross_attention_params_vs_encoded(decoder):
         r"TransformerDecoderBlock got encoder_padding_mask but no encoded"
     )):
         block.apply(plain_params, x, encoder_padding_mask=np.ones((2, 3), bool))
+
+
+def test_concrete_positions_captured_inside_jit_are_accepted():
+    layer = LearnedPositionalEmbedding(8)
+    x = jnp.ones((1, 3, 4))
+    v = layer.init(jax.random.key(0), x)
+    positions = jnp.array([2, 3, 4])
+    y = jax.jit(lambda v, x: layer.apply(v, x, positions=positions))(v, x)
+    np.testing.assert_allclose(y, layer.apply(v, x, positions=positions), rtol=1e-6)

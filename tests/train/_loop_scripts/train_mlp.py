@@ -16,9 +16,6 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-
-jax.config.update("jax_numpy_dtype_promotion", "strict")
-
 import numpy as np  # noqa: E402
 
 from nnlib.data import batch_iterator  # noqa: E402

@@ -15,8 +15,6 @@ import numpy as np
 from nnlib.layers import MLP, BatchNorm, Dense
 from nnlib.train import TrainState, make_optimizer
 
-jax.config.update("jax_numpy_dtype_promotion", "strict")
-
 GLOBAL_BATCH = 16
 FEATURES = 5
 CLASSES = 3
