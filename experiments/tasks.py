@@ -45,7 +45,7 @@ def _digits(config: ml_collections.ConfigDict, layout: str) -> Task:
 
 def _char_corpus(config: ml_collections.ConfigDict) -> Task:
     if config.dataset == "shakespeare_char":
-        path = config.get("data_path") or os.environ.get("NNLIB_TINYSHAKESPEARE")
+        path = config.get("data_path") or os.environ.get("NNLIB_TINYSHAKESPEARE") or None
         text = tiny_shakespeare(path)
     else:
         text = python_stdlib_corpus(max_chars=config.get("max_chars", 2_000_000))

@@ -3,6 +3,19 @@
 from nnlib.models.cnn import CNN
 from nnlib.models.gpt import GPT, GPTConfig, KVCache, generate, sample_next_token
 from nnlib.models.mlp import MLPClassifier
+from nnlib.models.rnn import RNNClassifier, RNNLanguageModel
+from nnlib.models.transformer import Seq2SeqTransformer, TransformerClassifier
 
-__all__ = ["CNN", "GPT", "GPTConfig", "KVCache", "MLPClassifier", "generate",
-           "sample_next_token"]
+__all__ = [
+    "CNN",
+    "GPT",
+    "GPTConfig",
+    "KVCache",
+    "MLPClassifier",
+    "RNNClassifier",
+    "RNNLanguageModel",
+    "Seq2SeqTransformer",
+    "TransformerClassifier",
+    "generate",
+    "sample_next_token",
+]

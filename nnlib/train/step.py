@@ -49,11 +49,20 @@ def _example_weights(batch: Batch, n: int) -> jax.Array:
 
 def classification_loss(label_smoothing: float = 0.0) -> LossFn:
     """Softmax cross-entropy on ``outputs: [batch, classes]`` (or ``[batch, ...,
-    classes]`` with labels ``[batch, ...]``) with accuracy as a metric; the
-    batch's ``"mask"`` weights examples."""
+    classes]`` with labels ``[batch, ...]``) with accuracy as a metric. The
+    batch's ``"mask"`` ([batch]) weights examples; an optional ``"label_mask"``
+    (the labels' shape, e.g. [batch, time]) weights individual labels, so
+    sequence tasks score only their answer tokens."""
 
     def loss_fn(logits: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         labels, mask = batch["labels"], batch.get("mask")
+        if "label_mask" in batch:
+            label_mask = jnp.asarray(batch["label_mask"], jnp.float32)
+            if mask is not None:
+                example = jnp.asarray(mask, jnp.float32)
+                mask = label_mask * example.reshape(example.shape + (1,) * (labels.ndim - 1))
+            else:
+                mask = label_mask
         loss = losses.softmax_cross_entropy(logits, labels, label_smoothing=label_smoothing,
                                             mask=mask)
         return loss, {"loss": loss, "accuracy": metrics_lib.accuracy(logits, labels, mask=mask)}

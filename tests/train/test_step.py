@@ -255,3 +255,16 @@ def test_configuration_errors():
         make_schedule(1.0, "cosine", total_steps=5, warmup_steps=10)
     with pytest.raises(ValueError, match="gradient_reduction must be 'loss' or 'gradients'"):
         make_train_step(gradient_reduction="mean")
+
+
+def test_label_mask_scores_only_the_chosen_tokens():
+    logits = jax.random.normal(KEY, (2, 4, 5))
+    labels = jnp.array([[0, 1, 2, 3], [4, 3, 2, 1]])
+    label_mask = jnp.array([[0, 0, 1, 1], [0, 1, 1, 1]], jnp.float32)
+    loss, metrics = classification_loss()(
+        logits, {"labels": labels, "label_mask": label_mask, "mask": jnp.array([1.0, 0.0])})
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    want = -(logp[0, 2, 2] + logp[0, 3, 3]) / 2  # row 1 is padding: only row 0's tokens 2, 3
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    pred = np.asarray(logits).argmax(-1)
+    np.testing.assert_allclose(metrics["accuracy"], ((pred[0, 2] == 2) + (pred[0, 3] == 3)) / 2)
