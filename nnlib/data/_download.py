@@ -1,16 +1,21 @@
-"""Fetch a file once, check it, keep it: the download helper of ``nnlib.data``.
+"""Fetch a file once, check it, keep it: the one download helper of ``nnlib.data``.
 
 ``download_file(urls, dest, md5=..., sha256=...)`` tries each mirror in turn,
-streams the response into ``dest.part`` next to ``dest``, checks the digest
-and only then renames the file into place (``os.replace``), so ``dest`` is
-either absent or complete and verified; an interrupted or corrupted download
-never poisons the cache. A ``dest`` that already holds the expected bytes is
-not downloaded again.
+streams the response into a uniquely named temporary file beside ``dest``
+(``<dest>.<random>.part``, so two processes filling the same cache never
+write into each other's bytes), hashes it on the way, and only when every given
+digest matches renames it into place (``os.replace``, atomic on one
+filesystem). So ``dest`` is either absent or complete and verified: an
+interrupted, failed or corrupted download never leaves a file behind, and the
+temporary file is removed whatever goes wrong (Ctrl-C included). A ``dest``
+that already holds the expected bytes is not downloaded again.
 
-Any URL ``urllib`` opens works, ``file://`` included (tests and offline
-mirrors). A checksum mismatch is reported as :class:`ChecksumError` naming
-the URL, the expected and the actual digest; it is never silently retried
-into success from a different mirror without saying so.
+Digests are hex strings in either case (published lists mix ``ABC..`` and
+``abc..``). Any URL ``urllib`` opens works, ``file://`` included (tests and
+offline mirrors). A checksum mismatch is reported as :class:`ChecksumError`
+(a ``ValueError``) naming the URL, the expected and the actual digest; it is
+never silently retried into success from a different mirror without saying
+so. An unreachable URL is an ``OSError`` naming the URL.
 
 Loaders call this only when the user passes ``download=True``; nothing here
 runs on import.
@@ -20,8 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import urllib.error
+import secrets
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +40,7 @@ class ChecksumError(ValueError):
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
-    """Hex digest of a file's bytes (``algorithm``: any ``hashlib`` name)."""
+    """Hex digest (lowercase) of a file's bytes; ``algorithm``: any ``hashlib`` name."""
     digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
@@ -48,6 +52,19 @@ def _expected_digests(md5: str | None, sha256: str | None) -> dict[str, str]:
     return {a: d.lower() for a, d in (("md5", md5), ("sha256", sha256)) if d is not None}
 
 
+def _first_mismatch(expected: dict[str, str], actual: dict[str, str], name: str, size: int,
+                    source: str | None) -> ChecksumError | None:
+    for algorithm, want in expected.items():
+        if actual[algorithm] != want:
+            origin = f" downloaded from {source}" if source else ""
+            return ChecksumError(
+                f"checksum mismatch for {name}{origin}: expected {algorithm} {want}, "
+                f"got {actual[algorithm]} ({size} bytes). The file is truncated, corrupted "
+                "or the source serves different data; it was not kept."
+            )
+    return None
+
+
 def verify_checksum(
     path: str | os.PathLike, *, md5: str | None = None, sha256: str | None = None,
     source: str | None = None,
@@ -57,19 +74,41 @@ def verify_checksum(
     ``source`` (e.g. the URL the file came from) is named in the message.
     """
     path = Path(path)
-    for algorithm, expected in _expected_digests(md5, sha256).items():
-        actual = file_digest(path, algorithm)
-        if actual != expected:
-            origin = f" downloaded from {source}" if source else ""
-            raise ChecksumError(
-                f"checksum mismatch for {path.name}{origin}: expected {algorithm} {expected}, "
-                f"got {actual} ({path.stat().st_size} bytes). The file is truncated, corrupted "
-                "or the mirror serves different data; it was not kept."
-            )
+    expected = _expected_digests(md5, sha256)
+    actual = {a: file_digest(path, a) for a in expected}
+    if error := _first_mismatch(expected, actual, path.name, path.stat().st_size, source):
+        raise error
 
 
 def _has_digests(path: Path, md5: str | None, sha256: str | None) -> bool:
     return all(file_digest(path, a) == d for a, d in _expected_digests(md5, sha256).items())
+
+
+def _fetch(url: str, dest: Path, expected: dict[str, str], timeout: float) -> None:
+    """Streams ``url`` into a temporary file, checks it, renames it to ``dest``."""
+    hashers = {a: hashlib.new(a) for a in expected}
+    # A random name opened with "x" (exclusive create) is unique like mkstemp's, but
+    # gets the umask's permissions rather than mkstemp's owner-only 0600, which would
+    # lock other users out of a shared cache once renamed into place.
+    tmp = dest.with_name(f"{dest.name}.{secrets.token_hex(4)}.part")
+    out = open(tmp, "xb")
+    try:
+        size = 0
+        with out:
+            request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                while chunk := response.read(_CHUNK):
+                    for h in hashers.values():
+                        h.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+        actual = {a: h.hexdigest() for a, h in hashers.items()}
+        if error := _first_mismatch(expected, actual, dest.name, size, url):
+            raise error
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def download_file(
@@ -86,8 +125,9 @@ def download_file(
       urls: one URL or mirrors tried in order (``https://``, ``http://``,
         ``file://``).
       dest: where the file ends up; parent folders are created.
-      md5, sha256: published digests; every one given must match. With none
-        the bytes are kept unchecked (the caller then validates the content).
+      md5, sha256: published hex digests (either case); every one given must
+        match. With none the bytes are kept unchecked (the caller then
+        validates the content) and an existing ``dest`` is fetched again.
       timeout: seconds to wait for each connection.
 
     Returns:
@@ -95,40 +135,35 @@ def download_file(
 
     Raises:
       ChecksumError: a mirror served bytes with the wrong digest (and no
-        later mirror served the right ones).
-      OSError: no mirror could be reached; the message lists each URL and
+        later mirror served the right ones); nothing is written.
+      OSError: no mirror could be reached; the message names each URL and
         its error.
+      ValueError: ``urls`` is empty.
     """
     urls = [urls] if isinstance(urls, str) else list(urls)
     if not urls:
         raise ValueError(f"download_file: no URL given for {dest}")
     dest = Path(dest)
-    if dest.exists() and (md5 or sha256) and _has_digests(dest, md5, sha256):
+    expected = _expected_digests(md5, sha256)
+    if expected and dest.is_file() and _has_digests(dest, md5, sha256):
         return dest  # cached and verified
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    failures: list[str] = []
-    mismatch: ChecksumError | None = None
+    failures: list[tuple[str, Exception]] = []
     for url in urls:
         try:
-            request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
-            with urllib.request.urlopen(request, timeout=timeout) as response, \
-                    open(part, "wb") as out:
-                shutil.copyfileobj(response, out, _CHUNK)
-            verify_checksum(part, md5=md5, sha256=sha256, source=url)
-        except ChecksumError as e:
-            mismatch = e
-            failures.append(f"{url}: {e}")
-            part.unlink(missing_ok=True)
-            continue
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            failures.append(f"{url}: {e}")
-            part.unlink(missing_ok=True)
-            continue
-        os.replace(part, dest)
-        return dest
-    if mismatch is not None and len(urls) == 1:
-        raise ChecksumError(f"download_file: {mismatch}")
-    tried = "\n  ".join(failures)
-    error = ChecksumError if mismatch is not None else OSError
-    raise error(f"download_file: could not fetch {dest.name} from any mirror:\n  {tried}")
+            _fetch(url, dest, expected, timeout)
+            return dest
+        # OSError covers urllib's URLError / HTTPError; ValueError is ChecksumError or
+        # urllib's "unknown url type" for a malformed URL.
+        except (OSError, ValueError) as e:
+            failures.append((url, e))
+    last = failures[-1][1]
+    mismatch = any(isinstance(e, ChecksumError) for _, e in failures)
+    error = ChecksumError if mismatch else OSError
+    if len(urls) == 1:
+        what = "" if mismatch else f"could not fetch {urls[0]}: "
+        raise error(f"download_file: {what}{last}") from last
+    tried = "\n  ".join(f"{url}: {e}" for url, e in failures)
+    raise error(
+        f"download_file: could not fetch {dest.name} from any mirror:\n  {tried}"
+    ) from last

@@ -38,12 +38,8 @@ sequence length.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import sysconfig
-import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
+
+from nnlib.data._download import ChecksumError, download_file, file_digest
 
 Tokens = np.ndarray | Array
 KeyOrSeed = Any  # a jax PRNG key, an int, a sequence of ints, or a numpy Generator
@@ -155,64 +153,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("NNLIB_CACHE_DIR") or Path.home() / ".cache" / "nnlib")
 
 
-def sha256_of_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 digest of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def download_file(url: str, destination: str | os.PathLike, *, sha256: str | None,
-             timeout: float = 60.0) -> Path:
-    """Downloads ``url`` to ``destination``, keeping it only if its SHA-256 matches.
-
-    The bytes go to a temporary file beside ``destination`` and are renamed
-    into place only after the digest checks out, so an interrupted or
-    corrupted download never leaves a file that looks valid. ``file://`` URLs
-    work too (handy for mirrors and tests).
-
-    Args:
-      url: where to fetch from.
-      destination: the file to write (parent folders are created).
-      sha256: the expected hex digest, or ``None`` to skip the check.
-      timeout: seconds to wait for the server.
-
-    Returns:
-      ``destination`` as a ``Path``.
-
-    Raises:
-      OSError: the URL could not be fetched.
-      ValueError: the digest differs (nothing is written).
-    """
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=destination.name + ".",
-                               suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    while chunk := response.read(1 << 20):
-                        digest.update(chunk)
-                        out.write(chunk)
-            except (urllib.error.URLError, OSError) as e:
-                raise OSError(f"download_file: could not fetch {url}: {e}") from e
-        if sha256 is not None and digest.hexdigest() != sha256.lower():
-            raise ValueError(
-                f"download_file: SHA-256 of {url} is {digest.hexdigest()}, expected "
-                f"{sha256.lower()}; the file is corrupted or has changed upstream, so "
-                f"{destination} was not written"
-            )
-        os.replace(tmp, destination)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return destination
-
-
 def tiny_shakespeare(
     path: str | os.PathLike | None = None,
     *,
@@ -246,7 +186,9 @@ def tiny_shakespeare(
     Raises:
       FileNotFoundError: no local copy and ``download=False`` (the message
         lists where it looked), or ``path`` does not exist.
-      ValueError: a cached or downloaded copy fails the checksum.
+      ChecksumError: (a ``ValueError``) a cached or downloaded copy fails the
+        checksum; a failed download keeps nothing.
+      OSError: ``url`` could not be fetched.
     """
     fn = "tiny_shakespeare"
     if path is not None:
@@ -272,23 +214,24 @@ def tiny_shakespeare(
 
     cached = Path(cache_dir if cache_dir is not None else default_cache_dir())
     cached = cached / "tinyshakespeare" / "input.txt"
+    if download:
+        # Returns at once when the cache already holds the verified file; otherwise
+        # (missing or corrupted) fetches, checks and only then replaces it.
+        download_file(url, cached, sha256=TINY_SHAKESPEARE_SHA256)
+        return _read_utf8(fn, cached)
     if cached.is_file():
-        got = sha256_of_file(cached)
-        if got == TINY_SHAKESPEARE_SHA256:
-            return _read_utf8(fn, cached)
-        if not download:
-            raise ValueError(
+        got = file_digest(cached, "sha256")
+        if got != TINY_SHAKESPEARE_SHA256:
+            raise ChecksumError(
                 f"{fn}: cached copy {cached} has SHA-256 {got}, expected "
                 f"{TINY_SHAKESPEARE_SHA256}; delete it or pass download=True to fetch it again"
             )
+        return _read_utf8(fn, cached)
     looked.append(f"{cached} (cache)")
-    if not download:
-        raise FileNotFoundError(
-            f"{fn}: no local copy; looked in {', '.join(looked)}. Pass path=..., set "
-            f"NNLIB_DATA_DIR, or pass download=True to fetch {url}"
-        )
-    download_file(url, cached, sha256=TINY_SHAKESPEARE_SHA256)
-    return _read_utf8(fn, cached)
+    raise FileNotFoundError(
+        f"{fn}: no local copy; looked in {', '.join(looked)}. Pass path=..., set "
+        f"NNLIB_DATA_DIR, or pass download=True to fetch {url}"
+    )
 
 
 def python_stdlib_corpus(

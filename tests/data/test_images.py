@@ -9,8 +9,10 @@ import functools
 import gzip
 import hashlib
 import http.server
+import os
 import struct
 import threading
+import urllib.request
 
 import numpy as np
 import pytest
@@ -300,6 +302,10 @@ def http_root(tmp_path, monkeypatch):
     server.server_close()
 
 
+# download_file is nnlib.data's one download helper (MNIST, Tiny Shakespeare); it is
+# tested here once, the loaders' own tests only check how they call it.
+
+
 def test_download_file_from_file_url_verifies_and_caches(tmp_path):
     source = tmp_path / "src.bin"
     source.write_bytes(b"hello nnlib" * 100)
@@ -312,15 +318,69 @@ def test_download_file_from_file_url_verifies_and_caches(tmp_path):
     assert download_file(source.as_uri(), dest, md5=md5) == dest
 
 
+def test_download_file_streams_over_http_and_leaves_no_temp_file(http_root, tmp_path):
+    root, url = http_root
+    payload = np.random.default_rng(0).bytes(3_000_000)  # several 1 MiB chunks
+    (root / "blob.bin").write_bytes(payload)
+    sha = hashlib.sha256(payload).hexdigest()
+    dest = tmp_path / "cache" / "sub" / "blob.bin"  # parent folders are created
+    assert download_file(f"{url}/blob.bin", dest, sha256=sha.upper()) == dest
+    assert dest.read_bytes() == payload and file_digest(dest) == sha
+    assert list(dest.parent.iterdir()) == [dest]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~umask  # shareable, unlike mkstemp's 0600
+
+
+def test_download_file_without_digest_keeps_bytes_and_refetches(tmp_path):
+    source = tmp_path / "src.txt"
+    source.write_text("hello")
+    dest = download_file(source.as_uri(), tmp_path / "dest.txt")
+    assert dest.read_text() == "hello"
+    source.write_text("changed")  # nothing to verify a cached copy against: fetched again
+    assert download_file(source.as_uri(), dest).read_text() == "changed"
+
+
 def test_download_file_checksum_mismatch_keeps_nothing(tmp_path):
     source = tmp_path / "src.bin"
     source.write_bytes(b"tampered")
     dest = tmp_path / "cache" / "file.bin"
-    with pytest.raises(ChecksumError, match=r"download_file: checksum mismatch for file.bin.part downloaded from file://.*src.bin: expected md5 0{32}, got [0-9a-f]{32} \(8 bytes\)"):
+    got = hashlib.md5(b"tampered").hexdigest()
+    with pytest.raises(ChecksumError, match=rf"download_file: checksum mismatch for file.bin downloaded from file://.*src.bin: expected md5 0{{32}}, got {got} \(8 bytes\).*not kept"):
         download_file(source.as_uri(), dest, md5="0" * 32)
-    assert list(dest.parent.iterdir()) == []  # neither the file nor a .part remains
+    assert list(dest.parent.iterdir()) == []  # neither the file nor a temporary file remains
     with pytest.raises(ChecksumError, match=r"checksum mismatch for src.bin: expected sha256 abc, got"):
-        verify_checksum(source, sha256="abc")
+        verify_checksum(source, sha256="ABC")
+    verify_checksum(source, md5=got.upper(), sha256=file_digest(source))  # passes silently
+
+
+def test_download_file_unreachable_url_names_it(http_root, tmp_path):
+    _, url = http_root
+    with pytest.raises(OSError, match=r"download_file: could not fetch http://127.0.0.1:\d+/missing.bin: HTTP Error 404") as info:
+        download_file(f"{url}/missing.bin", tmp_path / "m.bin")
+    assert not isinstance(info.value, ChecksumError) and info.value.__cause__ is not None
+    assert list(tmp_path.iterdir()) == [tmp_path / "www"]  # nothing written beside m.bin
+
+
+def test_download_file_interrupted_leaves_nothing(tmp_path, monkeypatch):
+    class Response:  # yields one chunk, then the user presses Ctrl-C
+        chunks = [b"partial"]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self, size):
+            if self.chunks:
+                return self.chunks.pop()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: Response())
+    with pytest.raises(KeyboardInterrupt):
+        download_file("https://example.invalid/f.bin", tmp_path / "f.bin", md5="0" * 32)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_download_file_falls_back_to_next_mirror(http_root, tmp_path):
@@ -348,7 +408,7 @@ def test_load_mnist_download_rejects_files_without_the_published_md5(http_root, 
     root, url = http_root
     _write_idx_set(root, _fake_mnist(), gz=(True,) * 4)
     # Our fake files are not the real MNIST: the official digest must reject them.
-    with pytest.raises(ChecksumError, match=r"checksum mismatch for train-images-idx3-ubyte.gz.part downloaded from http://127.0.0.1:\d+/train-images-idx3-ubyte.gz: expected md5 f68b3c2dcbeaaa9fbdd348bbdeb94873"):
+    with pytest.raises(ChecksumError, match=r"checksum mismatch for train-images-idx3-ubyte.gz downloaded from http://127.0.0.1:\d+/train-images-idx3-ubyte.gz: expected md5 f68b3c2dcbeaaa9fbdd348bbdeb94873"):
         load_mnist("mnist", tmp_path / "data", download=True, mirrors=[url])
     assert not (tmp_path / "data" / "train-images-idx3-ubyte.gz").exists()
 

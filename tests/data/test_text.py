@@ -3,7 +3,6 @@
 import functools
 import hashlib
 import http.server
-import os
 import sysconfig
 import threading
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nnlib.data import ChecksumError
 from nnlib.data import text as T
 
 SHAKESPEARE = Path("/work/shared/data/tinyshakespeare/input.txt")
@@ -82,8 +82,10 @@ def test_load_corpus_undecodable_file_is_named(tmp_path):
 
 
 @pytest.fixture
-def http_root(tmp_path):
+def http_root(tmp_path, monkeypatch):
     """A folder served over HTTP on 127.0.0.1 (never the internet)."""
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)  # a proxy would not see 127.0.0.1
     root = tmp_path / "www"
     root.mkdir()
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
@@ -96,41 +98,31 @@ def http_root(tmp_path):
     server.server_close()
 
 
-def test_download_file_over_http_checks_sha256(http_root, tmp_path):
+# download_file itself (mirrors, temp files, digests) is tested once, in test_images.py;
+# here: how tiny_shakespeare uses it.
+
+
+def test_tiny_shakespeare_download_over_http(monkeypatch, http_root, tmp_path):
     root, base = http_root
-    payload = os.urandom(3_000_000)  # several read chunks
-    (root / "blob.bin").write_bytes(payload)
-    expected = hashlib.sha256(payload).hexdigest()
-    dest = tmp_path / "cache" / "sub" / "blob.bin"
-    assert T.download_file(f"{base}/blob.bin", dest, sha256=expected.upper()) == dest
-    assert dest.read_bytes() == payload
-    assert T.sha256_of_file(dest) == expected
-    assert list(dest.parent.iterdir()) == [dest]  # no temporary file left behind
+    monkeypatch.delenv("NNLIB_DATA_DIR", raising=False)
+    fake = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    (root / "input.txt").write_text(fake, encoding="utf-8")
+    # Pretend the fake is the published file so the download path runs without it.
+    monkeypatch.setattr(T, "TINY_SHAKESPEARE_SHA256", hashlib.sha256(fake.encode()).hexdigest())
+    cache = tmp_path / "c"
+    assert T.tiny_shakespeare(cache_dir=cache, download=True, url=f"{base}/input.txt") == fake
+    assert [p.name for p in (cache / "tinyshakespeare").iterdir()] == ["input.txt"]  # no .part
+    (root / "input.txt").unlink()  # a verified cache is not fetched again, even with download=True
+    assert T.tiny_shakespeare(cache_dir=cache, download=True, url=f"{base}/input.txt") == fake
 
 
-def test_download_file_checksum_mismatch_writes_nothing(http_root, tmp_path):
-    root, base = http_root
-    (root / "blob.bin").write_bytes(b"tampered")
-    dest = tmp_path / "cache" / "blob.bin"
-    got = hashlib.sha256(b"tampered").hexdigest()
-    with pytest.raises(ValueError, match=rf"download_file: SHA-256 of .*blob\.bin is {got}, "
-                                         rf"expected {'0' * 64}.*was not written"):
-        T.download_file(f"{base}/blob.bin", dest, sha256="0" * 64)
-    assert list(dest.parent.iterdir()) == []
-
-
-def test_download_file_unreachable_url(http_root, tmp_path):
+def test_tiny_shakespeare_download_unreachable_url(monkeypatch, http_root, tmp_path):
     _, base = http_root
-    with pytest.raises(OSError, match=r"download_file: could not fetch .*missing\.bin"):
-        T.download_file(f"{base}/missing.bin", tmp_path / "m.bin", sha256=None)
-    assert not (tmp_path / "m.bin").exists()
-
-
-def test_download_file_without_checksum_from_file_url(tmp_path):
-    src = tmp_path / "src.txt"
-    src.write_text("hello")
-    dest = T.download_file(src.as_uri(), tmp_path / "dest.txt", sha256=None)
-    assert dest.read_text() == "hello"
+    monkeypatch.delenv("NNLIB_DATA_DIR", raising=False)
+    with pytest.raises(OSError, match=r"download_file: could not fetch http://127\.0\.0\.1:\d+/"
+                                      r"missing\.txt: HTTP Error 404"):
+        T.tiny_shakespeare(cache_dir=tmp_path / "c", download=True, url=f"{base}/missing.txt")
+    assert list((tmp_path / "c" / "tinyshakespeare").iterdir()) == []
 
 
 @needs_shakespeare
@@ -160,7 +152,7 @@ def test_tiny_shakespeare_download_into_cache_and_reuse(monkeypatch, tmp_path):
     assert T.tiny_shakespeare(url=(tmp_path / "gone").as_uri()) == text
     # A corrupted cache is refused, then repaired by download=True.
     cached.write_text("not shakespeare")
-    with pytest.raises(ValueError, match=r"tiny_shakespeare: cached copy .*input\.txt has "
+    with pytest.raises(ChecksumError, match=r"tiny_shakespeare: cached copy .*input\.txt has "
                                          r"SHA-256 [0-9a-f]{64}, expected 86c4e6aa"):
         T.tiny_shakespeare()
     assert T.tiny_shakespeare(download=True, url=SHAKESPEARE.as_uri()) == text
@@ -170,10 +162,12 @@ def test_tiny_shakespeare_download_mismatch(monkeypatch, tmp_path):
     monkeypatch.delenv("NNLIB_DATA_DIR", raising=False)
     wrong = tmp_path / "wrong.txt"
     wrong.write_text("To be, or not to be")
-    with pytest.raises(ValueError, match=r"download_file: SHA-256 of .*wrong\.txt is .*expected "
-                                         r"86c4e6aa"):
+    got = hashlib.sha256(b"To be, or not to be").hexdigest()
+    with pytest.raises(ChecksumError, match=rf"download_file: checksum mismatch for input\.txt "
+                       rf"downloaded from file://.*wrong\.txt: expected sha256 "
+                       rf"{T.TINY_SHAKESPEARE_SHA256}, got {got} \(19 bytes\)"):
         T.tiny_shakespeare(cache_dir=tmp_path / "c", download=True, url=wrong.as_uri())
-    assert not (tmp_path / "c" / "tinyshakespeare" / "input.txt").exists()
+    assert list((tmp_path / "c" / "tinyshakespeare").iterdir()) == []  # no file, no .part
 
 
 def test_tiny_shakespeare_no_local_copy_says_where_it_looked(monkeypatch, tmp_path):
