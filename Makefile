@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 EXTRAS ?= dev,data,experiments,notebooks,fairness,bench
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow coverage lint clean
+.PHONY: demo test test-slow coverage lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test-slow: $(STAMP)
 coverage: $(STAMP)
 	$(BIN)/python -m pytest -n auto -m "not slow" --cov=nnlib/layers \
 	  --cov-report=term-missing --cov-fail-under=90 tests/layers
+
+bench: $(STAMP)
+	$(BIN)/python experiments/bench/run.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check nnlib experiments tests

@@ -1,0 +1,1 @@
+"""nnlib against eager PyTorch on the CPU: ``python experiments/bench/run.py`` (NOTES.md)."""
