@@ -9,13 +9,19 @@ A run writes into ``workdir``: ``metrics.json`` (final metrics with flat keys:
 ``learning_curves.png``. Running again with the same workdir resumes from its
 last checkpoint. ``train_and_evaluate`` is importable (tests, notebooks, the
 demo) and reads no flags.
+
+After training, a GPT also writes ``samples.txt``: ``sample_chars`` tokens
+(default 300) sampled after ``sample_prompt`` (default a newline) at
+``sample_temperature`` (default 0.8). A task with an ``evaluate`` hook adds
+its metrics for each split (seq2seq: ``val_exact_match``,
+``test_exact_match``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments.tasks import build_task  # noqa: E402
-from nnlib.data.batching import batch_iterator  # noqa: E402
+from experiments.tasks import Task, build_task  # noqa: E402
+from nnlib.data.batching import batch_iterator, num_batches  # noqa: E402
 from nnlib.train import (  # noqa: E402
     TrainState,
     average_metrics,
@@ -59,13 +65,68 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
         return GPT(GPTConfig(vocab_size=num_classes, **kwargs))
     if name == "rnn_lm":
         from nnlib.models.rnn import RNNLanguageModel
+        # An RNN has no learned positions: context_length only sets the
+        # length of the training windows (tasks.py reads it from here).
+        kwargs.pop("context_length", None)
         return RNNLanguageModel(vocab_size=num_classes, **kwargs)
+    if name == "bert_mlm":
+        from nnlib.models.bert import BertConfig, BertForMaskedLM
+        return BertForMaskedLM(BertConfig(vocab_size=num_classes, **kwargs))
+    if name == "seq2seq_transformer":
+        from nnlib.models.transformer import Seq2SeqTransformer
+        return Seq2SeqTransformer(vocab_size=num_classes, **kwargs)
     raise ValueError(f"unknown model {name!r}")
 
 
-def _evaluate(state, data, batch_size, eval_step) -> dict[str, float]:
-    batches = batch_iterator(data, batch_size, shuffle=False)
+def _batches(task: Task, data: dict[str, np.ndarray], batch_size: int, *, seed: int = 0,
+             epoch: int = 0, shuffle: bool = False, drop_remainder: bool = False,
+             stream: int = 1) -> Iterator[dict[str, Any]]:
+    """The batches of one epoch, passed through ``task.prepare`` when it has one.
+
+    ``prepare`` gets the seed ``(seed, stream, epoch, index)``: stream 0 is
+    training, 1 evaluation, so evaluation batches are the same every time.
+    """
+    batches = batch_iterator(data, batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
+                             drop_remainder=drop_remainder)
+    if task.prepare is None:
+        yield from batches
+        return
+    for index, batch in enumerate(batches):
+        yield task.prepare(batch, (seed, stream, epoch, index))
+
+
+def _evaluate(task, state, data, batch_size, eval_step, seed) -> dict[str, float]:
+    batches = _batches(task, data, batch_size, seed=seed)
     return average_metrics([eval_step(state, b) for b in batches])
+
+
+def sample_text(model, params, tokenizer, *, prompt: str, num_tokens: int, key: jax.Array,
+                temperature: float = 1.0, top_k: int | None = None) -> str:
+    """``prompt`` followed by ``num_tokens`` tokens sampled from a ``GPT``.
+
+    ``generate`` stops at ``context_length`` (learned positions end there),
+    so a longer sample is drawn in chunks, each conditioned on the last half
+    context of what came before (a longer prompt is cut to its last half
+    context too). Two compilations in all: the first chunk (prompt length)
+    and every later one (half context).
+    """
+    from nnlib.models.gpt import generate
+
+    context = model.config.context_length
+    keep = max(1, context // 2)
+    out = [int(i) for i in tokenizer.encode(prompt)][-keep:]
+    if not out:
+        raise ValueError(f"sample_text needs a non-empty prompt, got {prompt!r}")
+    num_prompt = len(out)
+    chunk = 0
+    while len(out) - num_prompt < num_tokens:
+        window = out[-keep:]
+        tokens = generate(model, params, np.asarray([window], np.int32), context - len(window),
+                          key=jax.random.fold_in(key, chunk), temperature=temperature,
+                          top_k=top_k)  # [1, context]
+        out += np.asarray(tokens[0, len(window):]).tolist()
+        chunk += 1
+    return tokenizer.decode(np.asarray(out[:num_prompt + num_tokens]))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
@@ -75,52 +136,84 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     workdir.mkdir(parents=True, exist_ok=True)
     task = build_task(config)
     model = build_model(config, task.num_classes)
+    batch_size = config.batch_size
+    eval_batch_size = config.get("eval_batch_size", batch_size)
+    drop_remainder = config.get("drop_remainder", False)
     n_train = len(task.train["labels"])
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    steps_per_epoch = num_batches(n_train, batch_size, drop_remainder)
     total_steps = config.get("num_steps") or config.num_epochs * steps_per_epoch
     schedule = make_schedule(config.learning_rate, config.get("schedule", "constant"),
                              total_steps=total_steps, warmup_steps=config.get("warmup_steps", 0),
                              end_value=config.get("end_learning_rate", 0.0))
     tx = make_optimizer(config.optimizer, schedule, weight_decay=config.get("weight_decay", 0.0),
-                        clip_norm=config.get("clip_norm", None))
-    state = TrainState.create(model=model, tx=tx, key=jax.random.key(config.seed),
-                              example_input=task.train["inputs"][:2])
+                        clip_norm=config.get("clip_norm", None), b2=config.get("b2", 0.999))
+    example = next(_batches(task, task.train, 2))["inputs"]
+    # One compiled program instead of an eager dispatch per initializer op:
+    # seconds faster for deep models.
+    state = jax.jit(lambda key, x: TrainState.create(model=model, tx=tx, key=key,
+                                                     example_input=x))(
+        jax.random.key(config.seed), example)
     n_params = num_params(state.params)
     print(f"{config.model.name} on {task.info['dataset']}: {n_params:,} parameters, "
           f"{n_train:,} training examples, {total_steps:,} steps", flush=True)
 
+    if task.prepare is None:  # arrays: fit batches them itself (and skips ahead on resume)
+        train_data, eval_data = task.train, task.val
+    else:
+        def train_data(epoch: int):
+            return _batches(task, task.train, batch_size, seed=config.seed, epoch=epoch,
+                            shuffle=True, drop_remainder=drop_remainder, stream=0)
+
+        def eval_data():
+            return _batches(task, task.val, eval_batch_size, seed=config.seed)
+
+    eval_step = jax.jit(make_eval_step(task.loss_fn))
     state, summary = fit(
-        state, task.train, batch_size=config.batch_size, loss_fn=task.loss_fn,
-        eval_data=task.val, eval_batch_size=config.get("eval_batch_size", config.batch_size),
+        state, train_data, batch_size=batch_size, loss_fn=task.loss_fn,
+        eval_step=eval_step, eval_data=eval_data, eval_batch_size=eval_batch_size,
         num_epochs=config.get("num_epochs") if not config.get("num_steps") else None,
-        num_steps=config.get("num_steps") or None, eval_every=config.get("eval_every", None),
+        num_steps=total_steps, eval_every=config.get("eval_every", None),
         log_every=config.get("log_every", 50), workdir=workdir,
         checkpoint_every=config.get("checkpoint_every", None), seed=config.seed,
-        drop_remainder=config.get("drop_remainder", False), show_progress=show_progress,
+        drop_remainder=drop_remainder, show_progress=show_progress,
         early_stopping_patience=config.get("early_stopping_patience", None),
         best_metric="val_loss",
     )
-    eval_step = jax.jit(make_eval_step(task.loss_fn))
     metrics: dict[str, Any] = {"num_params": n_params, "steps": int(summary["step"]),
                                "train_time_s": round(summary["train_time_s"], 2)}
-    if summary["train_time_s"] > 0:
-        metrics["steps_per_s"] = round(summary["step"] / summary["train_time_s"], 2)
+    steps_run = summary["step"] - (summary["resumed_from"] or 0)  # by this call
+    if steps_run > 0 and summary["train_time_s"] > 0:
+        metrics["steps_per_s"] = round(steps_run / summary["train_time_s"], 2)
     for split, data in (("val", task.val), ("test", task.test)):
         if data is None:
             continue
-        for k, v in _evaluate(state, data, config.get("eval_batch_size", config.batch_size),
-                              eval_step).items():
+        for k, v in _evaluate(task, state, data, eval_batch_size, eval_step,
+                              config.seed).items():
             if k != "count":
+                metrics[f"{split}_{k}"] = float(v)
+        if task.evaluate is not None:
+            for k, v in task.evaluate(model, state.params, data, eval_batch_size).items():
                 metrics[f"{split}_{k}"] = float(v)
     for k, v in summary.items():
         if k.startswith("train_") and k != "train_time_s" and np.isscalar(v):
             metrics[k] = float(v)
-    if "val_loss" in metrics and "vocab_size" in task.info:
+    if "val_loss" in metrics and "vocab_size" in task.info and task.prepare is None:
         metrics["val_perplexity"] = float(np.exp(metrics["val_loss"]))
+    written = [workdir / "metrics.json", workdir / "history.jsonl",
+               workdir / "learning_curves.png"]
+    if config.model.name == "gpt" and "tokenizer" in task.info:
+        text = sample_text(model, state.params, task.info["tokenizer"],
+                           prompt=config.get("sample_prompt", "\n"),
+                           num_tokens=config.get("sample_chars", 300),
+                           key=jax.random.fold_in(jax.random.key(config.seed), 1),
+                           temperature=config.get("sample_temperature", 0.8),
+                           top_k=config.get("sample_top_k", 0) or None)
+        (workdir / "samples.txt").write_text(text, encoding="utf-8")
+        written.append(workdir / "samples.txt")
+        print(f"--- sample ---\n{text}\n--------------", flush=True)
     (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    print(f"wrote {workdir / 'metrics.json'}, {workdir / 'history.jsonl'}, "
-          f"{workdir / 'learning_curves.png'}, TensorBoard events in {workdir / 'tensorboard'}, "
-          f"checkpoints in {workdir / 'checkpoints'}", flush=True)
+    print(f"wrote {', '.join(str(p) for p in written)}, TensorBoard events in "
+          f"{workdir / 'tensorboard'}, checkpoints in {workdir / 'checkpoints'}", flush=True)
     return metrics
 
 
