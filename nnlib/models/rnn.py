@@ -99,6 +99,8 @@ class RNNClassifier(nn.Module):
         (bidirectional: forward state after the last step concatenated with
         the backward state after the first step, PyTorch's ``h_n``);
         ``"mean"`` — the mean of the outputs over the valid steps.
+      unroll: time steps per scan iteration (``jax.lax.scan``'s ``unroll``);
+        the same function, fewer loop trips (see ``nnlib.layers.RNN``).
 
     Parameters: ``layer_{i}/cell`` (unidirectional) or
     ``layer_{i}/forward_cell`` and ``layer_{i}/backward_cell``, then
@@ -116,6 +118,7 @@ class RNNClassifier(nn.Module):
     bidirectional: bool = False
     dropout_rate: float = 0.0
     pooling: str = "last"
+    unroll: int = 1
 
     @nn.compact
     def __call__(
@@ -154,6 +157,7 @@ class RNNClassifier(nn.Module):
                 layer = Bidirectional(
                     _make_cell(name, self.cell, self.hidden_size),
                     _make_cell(name, self.cell, self.hidden_size),
+                    unroll=self.unroll,
                     name=f"layer_{i}",
                 )
                 (carry_f, carry_b), h = layer(h, mask=mask)  # h: [B, T, 2H]
@@ -161,7 +165,8 @@ class RNNClassifier(nn.Module):
                     [_last_hidden(carry_f), _last_hidden(carry_b)], axis=-1
                 )  # [B, 2H]
             else:
-                layer = RNN(_make_cell(name, self.cell, self.hidden_size), name=f"layer_{i}")
+                layer = RNN(_make_cell(name, self.cell, self.hidden_size), unroll=self.unroll,
+                            name=f"layer_{i}")
                 carry, h = layer(h, mask=mask)  # h: [B, T, H]
                 last = _last_hidden(carry)  # [B, H]
 
@@ -191,6 +196,7 @@ class RNNLanguageModel(nn.Module):
       cell: ``"lstm"`` (default), ``"gru"`` or ``"rnn"``.
       dropout_rate: dropout on the embeddings, between layers and before the
         head (``train=True``).
+      unroll: time steps per scan iteration, as in :class:`RNNClassifier`.
 
     Parameters: ``embedding/embedding [V, E]``, ``layer_{i}/cell``,
     ``head`` (``kernel: [H, V]``). For an LSTM the count is
@@ -207,6 +213,7 @@ class RNNLanguageModel(nn.Module):
     num_layers: int = 1
     cell: str = "lstm"
     dropout_rate: float = 0.0
+    unroll: int = 1
 
     @nn.compact
     def __call__(
@@ -237,7 +244,8 @@ class RNNLanguageModel(nn.Module):
         h = nn.Embed(self.vocab_size, self.embed_dim, name="embedding")(tokens)  # [B, T, E]
         h = Dropout(self.dropout_rate)(h, train=train)
         for i in range(self.num_layers):
-            layer = RNN(_make_cell(name, self.cell, self.hidden_size), name=f"layer_{i}")
+            layer = RNN(_make_cell(name, self.cell, self.hidden_size), unroll=self.unroll,
+                        name=f"layer_{i}")
             _, h = layer(h)  # [B, T, H]
             h = Dropout(self.dropout_rate)(h, train=train)
         return Dense(self.vocab_size, name="head")(h)  # [B, T, V]

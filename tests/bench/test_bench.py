@@ -376,3 +376,36 @@ def test_time_cap_stops_after_the_minimum_rounds():
     (summary,) = interleaved_times([fake], repeats=9, warmup_steps=0, fixed_steps=2,
                                    pause_s=0.0, max_s=0.0, min_repeats=3)
     assert len(summary["seconds"]) == 3 and len(calls) == 6
+
+
+# --- the GPU section (experiments/bench/gpu.py), smoke-tested on the CPU ---------
+
+
+def test_gpu_benchmark_runs_at_tiny_size_and_counts_flops_as_palm(tmp_path):
+    from experiments.bench import gpu
+
+    out = tmp_path / "gpu.json"
+    report = gpu.main(["--tiny", "--steps", "2", "--batch", "2", "--dtype", "float32",
+                       "--peak-tflops", "1.0", "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    cfg = gpu.TINY
+    d, layers, t, v = cfg["embed_dim"], cfg["num_layers"], cfg["context_length"], cfg["vocab_size"]
+    # Tied embeddings, biases, two LayerNorms per block and a final one.
+    per_block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+    assert report["num_params"] == v * d + t * d + layers * per_block + 2 * d
+    n_no_pos = report["num_params"] - t * d
+    assert report["model_flops_per_token"] == 6 * n_no_pos + 12 * layers * t * d
+    assert report["tokens_per_s"] == pytest.approx(2 * t / report["step_s_median"])
+    assert report["mfu"] == pytest.approx(report["model_tflops_per_s"] / 1.0)
+    assert np.isfinite(report["final_loss"]) and report["xla_flops_per_step"] > 0
+
+
+def test_gpu_benchmark_knows_the_hopper_peak():
+    from experiments.bench import gpu
+
+    class Device:
+        device_kind = "NVIDIA H100 80GB HBM3"
+
+    assert gpu.peak_tflops(Device()) == 989.0
+    Device.device_kind = "cpu"
+    assert gpu.peak_tflops(Device()) is None
