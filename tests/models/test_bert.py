@@ -37,6 +37,7 @@ from nnlib.models.bert import (
     _Embeddings,
     _Layer,
 )
+from nnlib.pretrained.checkpoint import bert_params_from_hf as _params_from_hf
 from nnlib.train import TrainState, classification_loss, make_optimizer, make_train_step, num_params
 
 CFG = BertConfig(vocab_size=23, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=24,
@@ -212,46 +213,6 @@ def test_masked_lm_matches_numpy_reference(mlm_vars):
 # --------------------------------------------------------------------------- #
 # Parity with PyTorch, through Hugging Face's parameter names.
 # --------------------------------------------------------------------------- #
-
-
-def _params_from_hf(state_dict, cfg, prefix=""):
-    """Hugging Face state_dict (numpy values) -> nnlib ``Bert`` params, exactly
-    as the table in ``nnlib.models.bert``'s docstring says."""
-    sd = {k[len(prefix):]: np.asarray(v, np.float32) for k, v in state_dict.items()
-          if k.startswith(prefix)}
-
-    def dense(name):
-        return {"kernel": jnp.asarray(sd[f"{name}.weight"].T), "bias": jnp.asarray(sd[f"{name}.bias"])}
-
-    def norm(name):
-        return {"scale": jnp.asarray(sd[f"{name}.weight"]), "bias": jnp.asarray(sd[f"{name}.bias"])}
-
-    def embed(name):
-        return {"embedding": jnp.asarray(sd[f"embeddings.{name}.weight"])}
-
-    params = {"embeddings": {
-        "word_embeddings": embed("word_embeddings"),
-        "position_embeddings": embed("position_embeddings"),
-        "token_type_embeddings": embed("token_type_embeddings"),
-        "layer_norm": norm("embeddings.LayerNorm"),
-    }}
-    for i in range(cfg.num_layers):
-        hf = f"encoder.layer.{i}"
-        params[f"layer_{i}"] = {
-            "attention": {
-                "query": dense(f"{hf}.attention.self.query"),
-                "key": dense(f"{hf}.attention.self.key"),
-                "value": dense(f"{hf}.attention.self.value"),
-                "out": dense(f"{hf}.attention.output.dense"),
-            },
-            "attention_layer_norm": norm(f"{hf}.attention.output.LayerNorm"),
-            "intermediate": dense(f"{hf}.intermediate.dense"),
-            "output": dense(f"{hf}.output.dense"),
-            "output_layer_norm": norm(f"{hf}.output.LayerNorm"),
-        }
-    if "pooler.dense.weight" in sd:
-        params["pooler"] = dense("pooler.dense")
-    return params
 
 
 def _mlm_params_from_hf(state_dict, cfg):

