@@ -8,6 +8,11 @@ prompt ``"def "`` go to ``workdir/samples.txt``: indented blocks, ``self.``
 attributes, colons and docstrings should be recognisable. Target: the
 samples look like Python, and the validation loss is reported (code is more
 repetitive than verse, so it is lower than Shakespeare's).
+
+Measured (2-core CPU under other jobs' load): validation loss 1.703 after
+2,500 steps (813,824 parameters); a sample begins ``def _executoral():`` and
+goes on with ``self._part_filer = _marg_format(f)``, a ``def`` with ``self,
+loop`` and a docstring holding ``>>>``.
 """
 
 import ml_collections
