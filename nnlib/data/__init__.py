@@ -7,6 +7,17 @@ network unless a loader is asked to ``download=True``.
 """
 
 from nnlib.data._download import ChecksumError
+
+# ``nnlib.data.augment`` stays the module (its combinator is
+# ``nnlib.data.augment.augment``); the single transforms are re-exported.
+from nnlib.data.augment import (
+    random_rotation,
+    random_scale,
+    random_shift,
+    rotate,
+    scale,
+    translate,
+)
 from nnlib.data.batching import batch_iterator, epoch_order, num_batches, prefetch
 from nnlib.data.images import load_digits, load_mnist, read_idx, write_idx
 from nnlib.data.sequences import (
@@ -60,13 +71,19 @@ __all__ = [
     "num_batches",
     "prefetch",
     "python_stdlib_corpus",
+    "random_rotation",
+    "random_scale",
+    "random_shift",
     "random_windows",
     "read_idx",
     "reverse_task",
+    "rotate",
+    "scale",
     "sort_task",
     "split_indices",
     "split_text",
     "tiny_shakespeare",
+    "translate",
     "train_val_test_split",
     "write_idx",
 ]
