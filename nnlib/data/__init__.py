@@ -83,7 +83,7 @@ __all__ = [
     "split_indices",
     "split_text",
     "tiny_shakespeare",
-    "translate",
     "train_val_test_split",
+    "translate",
     "write_idx",
 ]
