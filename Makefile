@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= dev,data,experiments,notebooks,fairness,pretrained,compress,bench
+EXTRAS ?= dev,data,experiments,notebooks,fairness,pretrained,compress,rl,bench
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-slow coverage lint bench clean

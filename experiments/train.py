@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments.tasks import Task, build_task  # noqa: E402
+from nnlib.compress.cost import cost_report, format_cost  # noqa: E402
 from nnlib.data.batching import batch_iterator, num_batches  # noqa: E402
 from nnlib.train import (  # noqa: E402
     TrainState,
@@ -39,6 +40,7 @@ from nnlib.train import (  # noqa: E402
     make_eval_step,
     make_optimizer,
     make_schedule,
+    make_train_step,
     num_params,
 )
 from nnlib.train.loop import fit  # noqa: E402
@@ -129,6 +131,27 @@ def sample_text(model, params, tokenizer, *, prompt: str, num_tokens: int, key: 
     return tokenizer.decode(np.asarray(out[:num_prompt + num_tokens]))
 
 
+def training_cost(task: Task, state: TrainState, config: ml_collections.ConfigDict,
+                  batch_size: int, drop_remainder: bool, total_steps: int) -> dict[str, Any]:
+    """``nnlib.compress.cost_report`` of one train step on a real training batch.
+
+    The step is compiled apart from the one ``fit`` ran (no buffer donation,
+    so it can be timed on the same state repeatedly); the energy estimate is
+    extrapolated to ``total_steps`` from the median step time. Config fields:
+    ``cost_repeats`` (timed calls, default 5), ``cost_device_power_w``,
+    ``cost_utilization``, ``cost_pue``, ``cost_grid_gco2_per_kwh``.
+    """
+    batch = next(_batches(task, task.train, batch_size, seed=config.seed, shuffle=True,
+                          drop_remainder=drop_remainder, stream=0))
+    batch = jax.tree.map(jax.numpy.asarray, batch)  # on device once, not per timed call
+    assumptions = {name: config[f"cost_{name}"]
+                   for name in ("device_power_w", "utilization", "pue", "grid_gco2_per_kwh")
+                   if f"cost_{name}" in config}
+    return cost_report(jax.jit(make_train_step(task.loss_fn)), state, batch,
+                       num_steps=total_steps, repeats=config.get("cost_repeats", 5), warmup=1,
+                       **assumptions)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                        *, show_progress: bool = True) -> dict[str, Any]:
     """Trains per ``config``, evaluates, writes ``workdir/metrics.json``; returns the metrics."""
@@ -199,6 +222,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
             metrics[k] = float(v)
     if "val_loss" in metrics and "vocab_size" in task.info and task.prepare is None:
         metrics["val_perplexity"] = float(np.exp(metrics["val_loss"]))
+    # What one training step costs (XLA's FLOPs and bytes, memory, measured
+    # time) and an energy/carbon estimate for the whole run, whose assumptions
+    # are config fields and land in metrics.json beside the result.
+    if config.get("cost_report", True):
+        cost = training_cost(task, state, config, batch_size, drop_remainder, total_steps)
+        print(format_cost(cost), flush=True)
+        metrics |= cost
     written = [workdir / "metrics.json", workdir / "history.jsonl",
                workdir / "learning_curves.png"]
     if config.model.name == "gpt" and "tokenizer" in task.info:

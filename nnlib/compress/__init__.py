@@ -42,18 +42,33 @@ from nnlib.compress.pruning import (
     sparsity,
     storage_bytes,
 )
-from nnlib.compress.quantization import (
-    NnlibPtqProvider,
-    NnlibQtProvider,
-    dequantize,
-    fake_quantize,
-    fake_quantize_params,
-    int8_rules,
-    ptq_model,
-    qat_model,
-    quantize_per_channel,
-    quantized_size_bytes,
+
+# Quantization needs qwix (the ``compress`` extra); it is imported on first
+# use, so cost reports and pruning work without it.
+_QUANTIZATION = (
+    "NnlibPtqProvider",
+    "NnlibQtProvider",
+    "dequantize",
+    "fake_quantize",
+    "fake_quantize_params",
+    "int8_rules",
+    "ptq_model",
+    "qat_model",
+    "quantize_per_channel",
+    "quantized_size_bytes",
 )
+
+
+def __getattr__(name: str):
+    if name in _QUANTIZATION:
+        try:
+            from nnlib.compress import quantization
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(
+                f"nnlib.compress.{name} needs qwix: pip install 'nnlib[compress]' ({e})"
+            ) from e
+        return getattr(quantization, name)
+    raise AttributeError(f"module 'nnlib.compress' has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_DEVICE_POWER_W",

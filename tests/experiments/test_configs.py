@@ -118,6 +118,10 @@ def test_config_trains_writes_its_outputs_and_resumes(name, corpus_path, tmp_pat
     assert metrics["steps"] == STEPS
     assert metrics["num_params"] > 0 and metrics["train_time_s"] > 0
     assert np.isfinite(metrics["val_loss"]) and np.isfinite(metrics["train_loss"])
+    # The cost summary of one train step rides along (nnlib.compress.cost_report).
+    assert metrics["cost_flops_per_step"] > 0 and metrics["cost_step_time_s"] > 0
+    assert metrics["cost_num_params"] == metrics["num_params"]
+    assert metrics["cost_num_steps"] == STEPS and metrics["cost_co2_g"] > 0
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk == metrics
     history = read_jsonl(tmp_path / "history.jsonl")
