@@ -536,6 +536,106 @@ def test_jit_and_vmap_match_eager(data):
 
 
 # ----------------------------------------------------------------------------
+# the fused recurrence (custom VJP) against plain autodiff of the scan
+# ----------------------------------------------------------------------------
+
+
+def _fused_and_plain_losses(kind, reverse, use_mask):
+    mask = jnp.array([[True, True, False, True], [False, True, True, True]])
+
+    def make(fused):
+        model = RNN(make_cell(kind, 3), reverse=reverse, fused=fused)
+
+        def loss(params, x, carry):
+            final, out = model.apply(params, x, mask=mask if use_mask else None,
+                                     initial_carry=carry)
+            h = final[1] if kind == "lstm" else final
+            return jnp.sum(jnp.sin(out) * out) + jnp.sum(jnp.cos(h))
+
+        return loss
+
+    return make(True), make(False)
+
+
+def _float64_inputs(kind):
+    params = jax.tree_util.tree_map(
+        jnp.asarray, rnn_params(random_params(kind, 2, 3, dtype=np.float64)))
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 4, 2)))
+    carry = jax.tree_util.tree_map(
+        lambda z: jnp.asarray(rng.normal(size=z.shape)), make_cell(kind, 3).initialize_carry(2))
+    return params, x, carry
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_fused_equals_plain_scan(kind, reverse, use_mask):
+    """Values and gradients (params, inputs, initial carry) agree to float64 rounding."""
+    with jax.enable_x64(True):
+        fused, plain = _fused_and_plain_losses(kind, reverse, use_mask)
+        args = _float64_inputs(kind)
+        value_f, grads_f = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(*args)
+        value_p, grads_p = jax.jit(jax.value_and_grad(plain, argnums=(0, 1, 2)))(*args)
+        np.testing.assert_allclose(value_f, value_p, rtol=1e-12)
+        assert_tree_close(grads_f, grads_p, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_second_order_gradients():
+    """Reverse-over-reverse through the custom VJP, checked by finite differences."""
+    with jax.enable_x64(True):
+        fused, _ = _fused_and_plain_losses("lstm", reverse=False, use_mask=True)
+        params, x, carry = _float64_inputs("lstm")
+        check_grads(jax.jit(lambda p, x: fused(p, x, carry)), (params, x), order=2,
+                    modes=("rev",), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_mode_needs_fused_false():
+    """jvp through the custom VJP fails loudly; fused=False supports it."""
+    with jax.enable_x64(True):
+        fused, plain = _fused_and_plain_losses("lstm", reverse=False, use_mask=False)
+        params, x, carry = _float64_inputs("lstm")
+        with pytest.raises(TypeError, match="custom_vjp"):
+            jax.jvp(lambda x: fused(params, x, carry), (x,), (jnp.ones_like(x),))
+        check_grads(lambda x: plain(params, x, carry), (x,), order=1, modes=("fwd",))
+
+
+def test_fused_per_example_gradients_under_vmap():
+    """vmap of grad (per-example gradients) through the fused path equals a loop."""
+    fused, _ = _fused_and_plain_losses("gru", reverse=False, use_mask=False)
+    params = rnn_params(random_params("gru", 2, 3))
+    rng = np.random.default_rng(2)
+    xs = rng.normal(size=(4, 2, 4, 2)).astype(np.float32)
+    carry = make_cell("gru", 3).initialize_carry(2)
+    grad = jax.grad(fused)
+    batched = jax.jit(jax.vmap(grad, in_axes=(None, 0, None)))(params, xs, carry)
+    for i in range(len(xs)):
+        assert_tree_close(jax.tree_util.tree_map(lambda g, i=i: g[i], batched),
+                          grad(params, xs[i], carry), rtol=1e-5, atol=1e-6)
+
+
+def test_cell_overriding_step_uses_the_plain_scan():
+    """A user cell that defines ``step`` (not ``update_fn``) still runs, fused or not."""
+
+    class LeakyCell(SimpleRNNCell):
+        def step(self, carry, projected):
+            h = 0.5 * carry + 0.5 * jnp.tanh(projected + self.recurrent(carry))
+            return h, h
+
+    x = np.random.default_rng(3).normal(size=(2, 5, 3)).astype(np.float32)
+    model = RNN(LeakyCell(4))
+    params = model.init(jax.random.key(0), x)
+    carry, out = model.apply(params, x)
+    p = params["params"]["cell"]
+    h = np.zeros((2, 4), np.float32)
+    for t in range(5):
+        r = h @ np.asarray(p["recurrent"]["kernel"])
+        proj = x[:, t] @ np.asarray(p["input"]["kernel"]) + np.asarray(p["input"]["bias"])
+        h = 0.5 * h + 0.5 * np.tanh(proj + r)
+        np.testing.assert_allclose(out[:, t], h, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
 # bad input
 # ----------------------------------------------------------------------------
 
