@@ -23,6 +23,10 @@ A heatmap is a claim about the model; three measurements test the claims:
   whose maps stay put when the model is destroyed explains the input, not
   the model.
 
+The run also reports what the model cost to train: ``nnlib.compress.
+cost_report`` of one real training step of the CNN (``cost_*`` keys: XLA's
+FLOPs and bytes, memory, median step time, the energy of the whole run).
+
 Writes ``metrics.json`` (flat keys), ``results.md`` (the table),
 ``attributions.png`` (digit x method grid), ``faithfulness.png`` (deletion
 and insertion curves) and ``sanity_check.png`` into the workdir, and prints
@@ -48,7 +52,8 @@ from jax.tree_util import Partial
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments.robustness import train_digits_cnn  # noqa: E402
+from experiments.robustness import train_digits_cnn, training_cost  # noqa: E402
+from nnlib.compress import format_cost  # noqa: E402
 from nnlib.data import Dataset, load_digits  # noqa: E402
 from nnlib.explain import (  # noqa: E402
     completeness_gap,
@@ -336,14 +341,26 @@ def _table(config: ExplainConfig, metrics: dict[str, float], stages: Sequence[st
                   f"|f(x) − f(0)| mean {metrics['ig_completeness_gap_mean']:.2e}, max "
                   f"{metrics['ig_completeness_gap_max']:.2e}; "
                   f"{100 * metrics['ig_completeness_within_1pct']:.1f}% of digits within 1%."]
+    if "cost_step_time_s" in metrics:
+        lines += ["", f"Training cost: one step of batch {config.batch_size} "
+                  f"{metrics['cost_flops_per_step'] / 1e6:.2f} MFLOP (XLA), "
+                  f"{1e3 * metrics['cost_step_time_s']:.2f} ms median on "
+                  f"{metrics['cost_device']}; {config.num_steps} steps "
+                  f"{metrics['cost_energy_kwh']:.2g} kWh, {metrics['cost_co2_g']:.2g} g CO2e "
+                  f"(estimate)."]
     return "\n".join(lines)
 
 
 def run(config: ExplainConfig, workdir: str | Path | None = None,
-        data: Dataset | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+        data: Dataset | None = None, *, cost_repeats: int = 5
+        ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Trains the CNN, explains ``config.num_explain`` test digits with every method,
     measures completeness, faithfulness and the randomization check; writes the
     outputs when ``workdir`` is given.
+
+    ``cost_repeats``: timed calls of the compute-cost report of one training
+    step (``experiments.robustness.training_cost``; printed, and merged into
+    the metrics as ``cost_*``); 0 skips it.
 
     Returns:
       ``(metrics, artifacts)``: flat metrics and ``{"model", "params", "x",
@@ -358,8 +375,16 @@ def run(config: ExplainConfig, workdir: str | Path | None = None,
         num_steps=config.num_steps, batch_size=config.batch_size,
         learning_rate=config.learning_rate, seed=config.seed)
     f = Partial(model.apply, {"params": params})
-    metrics: dict[str, float] = {"train_time_s": time.perf_counter() - start,
-                                 "num_params": info["num_params"]}
+    metrics: dict[str, Any] = {"train_time_s": time.perf_counter() - start,
+                               "num_params": info["num_params"]}
+    if cost_repeats > 0:
+        report = training_cost(model, params, data, num_steps=config.num_steps,
+                               batch_size=config.batch_size,
+                               learning_rate=config.learning_rate, seed=config.seed,
+                               repeats=cost_repeats)
+        print(f"training the digits CNN, one step of batch {config.batch_size} (energy: "
+              f"{config.num_steps} steps):\n{format_cost(report)}", flush=True)
+        metrics |= report
     test_pred = np.asarray(jax.jit(f)(data.test["inputs"])).argmax(-1)
     metrics["test_accuracy"] = float(np.mean(test_pred == data.test["labels"]))
 
@@ -437,7 +462,7 @@ def run(config: ExplainConfig, workdir: str | Path | None = None,
     return metrics, artifacts
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="where results go")
     parser.add_argument("--size", choices=("full", "tiny"), default="full")

@@ -29,6 +29,13 @@ and record the drop in similarity. The run reports the Spearman correlation
 between each sentence's IG scores and its leave-one-out drops (they need not
 agree: leave-one-out misses words that only matter together).
 
+Nothing is trained, so the compute cost reported (``cost_*`` keys,
+``nnlib.compress.cost_report``) is that of the integrated-gradients call, the
+experiment's one attribution call: XLA's FLOPs and bytes, memory, the median
+time of a call and its energy. The path is evaluated in a ``lax.scan`` over
+chunks of nodes, whose body XLA counts once; ``cost_flops_per_step_with_loop``
+counts every chunk (see :func:`attribution_cost`).
+
 Writes ``metrics.json``, ``results.md`` (per sentence: prediction, top
 words) and ``text_attributions.png`` (each sentence's tokens coloured by
 attribution) into the workdir and prints the table.
@@ -54,7 +61,8 @@ from jax.tree_util import Partial
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nnlib.explain import completeness_gap, integrated_gradients  # noqa: E402
+from nnlib.compress import cost_report, flops, format_cost  # noqa: E402
+from nnlib.explain import completeness_gap, integrated_gradients, saliency  # noqa: E402
 from nnlib.explain.sanity import spearman_rank_correlation  # noqa: E402
 from nnlib.pretrained import (  # noqa: E402
     Pretrained,
@@ -89,6 +97,7 @@ SENTENCES = (
 )
 
 _WORD_EMBEDDINGS = ("embeddings", "word_embeddings")  # module path inside Bert
+IG_BATCH_SIZE = 8  # path nodes per forward/backward pass of integrated gradients
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +182,52 @@ def _leave_one_out(fn, params, ids, mask, topics, vectors, baseline, target):
     return clean - jax.lax.map(one, jnp.arange(t)).T  # [B, T]
 
 
+def attribution_cost(
+    f: Partial,
+    vectors: jax.Array,
+    target: jax.Array,
+    baseline: jax.Array,
+    *,
+    ig_steps: int,
+    batch_size: int = IG_BATCH_SIZE,
+    num_calls: int = 1,
+    repeats: int = 5,
+    params: Any = None,
+) -> dict[str, Any]:
+    """``nnlib.compress.cost_report`` of one ``integrated_gradients`` call as
+    :func:`explain_sentences` makes it (Gauss-Legendre, ``ig_steps`` nodes,
+    ``batch_size`` nodes per pass); the energy is that of ``num_calls`` calls.
+
+    ``f`` (a ``Partial`` holding the model's parameters) is an argument of
+    the measured program, not a constant baked into it. The nodes are
+    evaluated in a ``lax.scan`` over ``ceil(ig_steps / batch_size)`` chunks
+    and XLA counts a loop body once, so the report adds
+    ``cost_loop_body_flops`` (XLA's count of one chunk in the compiled
+    program, as ``cost_report`` counts: the input gradient of ``f`` at
+    ``batch_size`` stacked copies of the batch, measured as
+    ``nnlib.explain.saliency`` there), ``cost_loop_trip_count`` and
+    ``cost_flops_per_step_with_loop = cost_flops_per_step + (trips - 1) *
+    body``. ``params`` (the model's) are sized in the report.
+    """
+    def attribute(f, vectors, target, baseline):  # -> [B, T, H]
+        return integrated_gradients(f, vectors, target, baseline, steps=ig_steps,
+                                    method="gauss_legendre", batch_size=batch_size)
+
+    report = cost_report(attribute, f, vectors, target, baseline, params=params,
+                         num_steps=num_calls, repeats=repeats, warmup=1)
+    chunk = min(batch_size, ig_steps)
+    trips = -(-ig_steps // chunk)
+    copies = jnp.tile(vectors, (chunk,) + (1,) * (vectors.ndim - 1))  # [chunk * B, T, H]
+    # Compiled, as cost_report counts: XLA's optimized program expands the exact
+    # GELU's erf, and counts ~12% more FLOPs than the lowered one on a tiny BERT.
+    body = flops(lambda f, x, t: saliency(f, x, t, absolute=False), f, copies,
+                 jnp.tile(target, chunk), compiled=True)
+    report["cost_loop_body_flops"] = body
+    report["cost_loop_trip_count"] = trips
+    report["cost_flops_per_step_with_loop"] = report["cost_flops_per_step"] + (trips - 1) * body
+    return report
+
+
 def explain_sentences(
     pretrained: Pretrained,
     sentences: Sequence[str],
@@ -180,8 +235,12 @@ def explain_sentences(
     *,
     ig_steps: int = 32,
     length: int = 24,
+    cost_repeats: int = 0,
 ) -> dict[str, Any]:
     """Zero-shot scores and token attributions for ``sentences``.
+
+    ``cost_repeats > 0`` also measures the integrated-gradients call
+    (:func:`attribution_cost`, that many timed calls) into ``"cost"``.
 
     Returns:
       ``{"tokens": [[str]] (real tokens per sentence), "similarities": [B, C]
@@ -189,7 +248,8 @@ def explain_sentences(
       through the intercepted model), "predicted": [B], "ig": [[float]] (per
       real token, summed over H),
       "leave_one_out": [[float]], "completeness_gap": [B],
-      "spearman": [B] (IG vs leave-one-out over the real tokens)}``.
+      "spearman": [B] (IG vs leave-one-out over the real tokens)}``, and
+      ``"cost"`` (the flat ``cost_*`` dict) when ``cost_repeats > 0``.
     """
     topics = jnp.asarray(label_embeddings(pretrained, list(topic_descriptions)))  # [C, H]
     batch = tokenize(pretrained.tokenizer, list(sentences), length=length)
@@ -208,7 +268,7 @@ def explain_sentences(
     if not np.allclose(scores, similarities - similarities.mean(1, keepdims=True), atol=1e-4):
         raise RuntimeError("the intercepted model disagrees with nnlib.pretrained.encode")
     ig = integrated_gradients(f, vectors, predicted, baseline, steps=ig_steps,
-                              method="gauss_legendre", batch_size=8)  # [B, T, H]
+                              method="gauss_legendre", batch_size=IG_BATCH_SIZE)  # [B, T, H]
     gap = np.asarray(completeness_gap(f, vectors, ig, predicted, baseline))
     per_token = np.asarray(jnp.sum(ig, axis=-1))  # [B, T]
     loo = np.asarray(_leave_one_out(fn, pretrained.params, jnp.asarray(ids), jnp.asarray(mask),
@@ -222,10 +282,16 @@ def explain_sentences(
         loo_rows.append(loo[i, :n].tolist())
         rho.append(float(spearman_rank_correlation(per_token[i:i + 1, words],
                                                    loo[i:i + 1, words])[0]))
-    return {"tokens": tokens, "similarities": similarities, "scores": scores,
-            "predicted": predicted,
-            "ig": ig_rows, "leave_one_out": loo_rows, "completeness_gap": gap,
-            "spearman": np.array(rho)}
+    result = {"tokens": tokens, "similarities": similarities, "scores": scores,
+              "predicted": predicted,
+              "ig": ig_rows, "leave_one_out": loo_rows, "completeness_gap": gap,
+              "spearman": np.array(rho)}
+    if cost_repeats > 0:
+        # One attribution call is all the experiment makes (num_calls=1).
+        result["cost"] = attribution_cost(f, vectors, jnp.asarray(predicted), baseline,
+                                          ig_steps=ig_steps, repeats=cost_repeats,
+                                          params=pretrained.params)
+    return result
 
 
 # --- plot ---------------------------------------------------------------------------
@@ -274,15 +340,21 @@ def _top_words(tokens: list[str], scores: list[float], k: int = 3) -> str:
 
 
 def run(config: TextConfig, workdir: str | Path | None = None,
-        pretrained: Pretrained | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+        pretrained: Pretrained | None = None, *, cost_repeats: int = 5
+        ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Explains ``config.num_sentences`` sentences; writes the outputs when
-    ``workdir`` is given. Returns ``(metrics, result of explain_sentences)``."""
+    ``workdir`` is given. Returns ``(metrics, result of explain_sentences)``.
+
+    ``cost_repeats``: timed calls of the compute-cost report of the
+    integrated-gradients call (:func:`attribution_cost`; printed, and merged
+    into the metrics as ``cost_*``); 0 skips it."""
     start = time.perf_counter()
     pretrained = pretrained or load_minilm()
     sentences = SENTENCES[:config.num_sentences]
     names = list(TOPICS)
     result = explain_sentences(pretrained, [s for s, _ in sentences], list(TOPICS.values()),
-                               ig_steps=config.ig_steps, length=config.length)
+                               ig_steps=config.ig_steps, length=config.length,
+                               cost_repeats=cost_repeats)
     hit = np.array([names[p] in topics for p, (_, topics) in
                     zip(result["predicted"], sentences, strict=True)])
     metrics = {
@@ -293,6 +365,11 @@ def run(config: TextConfig, workdir: str | Path | None = None,
         "ig_vs_leave_one_out_spearman_mean": float(np.mean(result["spearman"])),
         "time_s": time.perf_counter() - start,
     }
+    if "cost" in result:
+        print(f"integrated gradients ({config.ig_steps} nodes, {len(sentences)} sentences), "
+              f"one call:\n{format_cost(result['cost'])}\n  FLOPs with the path loop counted "
+              f"in full: {result['cost']['cost_flops_per_step_with_loop']:.3g}", flush=True)
+        metrics |= result["cost"]
     if workdir is not None:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -314,6 +391,13 @@ def run(config: TextConfig, workdir: str | Path | None = None,
                   f"topics on purpose); mean "
                   f"Spearman ρ between IG and leave-one-out "
                   f"{metrics['ig_vs_leave_one_out_spearman_mean']:.2f}."]
+        if "cost_step_time_s" in metrics:
+            lines += ["", f"Cost of the integrated-gradients call: "
+                      f"{metrics['cost_flops_per_step_with_loop'] / 1e9:.3g} GFLOP (XLA, the "
+                      f"{metrics['cost_loop_trip_count']} path chunks counted), "
+                      f"{metrics['cost_step_time_s']:.3g} s median of "
+                      f"{metrics['cost_timing_repeats']} on {metrics['cost_device']}, "
+                      f"{metrics['cost_energy_kwh']:.2g} kWh (estimate)."]
         table = "\n".join(lines)
         plot_token_attributions(result, names, workdir / "text_attributions.png")
         (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -322,7 +406,7 @@ def run(config: TextConfig, workdir: str | Path | None = None,
     return metrics, result
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="where results go")
     parser.add_argument("--size", choices=("full", "tiny"), default="full")

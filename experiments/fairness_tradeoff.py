@@ -40,8 +40,15 @@ CSV with a header row, pass ``--csv`` with the ``--label`` and
 encoded); ``--positive`` names the positive label value when it is not
 obvious.
 
+Compute cost. ``nnlib.compress.cost_report`` of one real (full-batch)
+training step of the main model, the predictor with the first penalty
+(``cost_*`` keys), and of one adversarial-debiasing step (predictor and
+adversary, ``adversarial_cost_*``) when ``alphas`` are given: XLA's FLOPs and
+bytes, memory, the median step time and the energy of one model's training
+run (``num_steps`` steps); printed and written to ``metrics.json``.
+
 Writes ``metrics.json`` (flat keys such as ``dp_penalty_3_accuracy``,
-``adversarial_1_dp_difference``), ``results.md`` (the table) and
+``adversarial_1_dp_difference``, ``cost_flops_per_step``), ``results.md`` (the table) and
 ``tradeoff.png`` into ``--workdir`` and prints the table. One to three minutes
 on a 2-core CPU with the defaults; ``run`` is importable (the notebook and the
 smoke test call it small).
@@ -69,6 +76,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nnlib import fairness  # noqa: E402
+from nnlib.compress import cost_report, format_cost  # noqa: E402
 from nnlib.data import load_tabular  # noqa: E402
 from nnlib.data.tabular import SPLITS  # noqa: E402
 from nnlib.layers import MLP  # noqa: E402
@@ -201,6 +209,17 @@ def _predictor(hidden: int):
     return MLP((hidden,), out_features=1)
 
 
+def penalized_loss(unit: Any, weight: Any) -> Any:
+    """Task loss + ``weight`` x penalty from ``unit``, a ``make_fair_loss(weight=1.0)``
+    (whose metrics hold the two terms), so ``weight`` may be traced."""
+    def loss_fn(outputs, batch):
+        _, metrics = unit(outputs, batch)
+        total = metrics["task_loss"] + weight * metrics["fairness_penalty"]
+        return total, {**metrics, "loss": total}
+
+    return loss_fn
+
+
 def train_penalized(
     data: FairData,
     *,
@@ -225,12 +244,7 @@ def train_penalized(
     x_test = jnp.asarray(data.splits["test"]["inputs"])
 
     def train_one(key, weight):
-        def loss_fn(outputs, batch):
-            _, metrics = unit(outputs, batch)
-            total = metrics["task_loss"] + weight * metrics["fairness_penalty"]
-            return total, {**metrics, "loss": total}
-
-        step = make_train_step(loss_fn)
+        step = make_train_step(penalized_loss(unit, weight))
         state = TrainState.create(model=_predictor(hidden), tx=optax.adam(learning_rate),
                                   key=key, example_input=train["inputs"][:1])
         state, _ = jax.lax.scan(lambda s, _: step(s, train), state, None, length=num_steps)
@@ -270,6 +284,45 @@ def train_adversarial(
 
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     return np.asarray(jax.jit(jax.vmap(train_one))(keys))
+
+
+def training_cost(
+    data: FairData,
+    *,
+    penalty: str | None = "demographic_parity",
+    alpha: float = 1.0,
+    weight: float = 1.0,
+    seed: int = 0,
+    num_steps: int = 300,
+    learning_rate: float = 0.02,
+    hidden: int = 32,
+    criterion: str = "demographic_parity",
+    repeats: int = 5,
+) -> dict[str, Any]:
+    """``nnlib.compress.cost_report`` of one full-batch training step on the train
+    split, as :func:`train_penalized` (``penalty`` given, at ``weight``) or
+    :func:`train_adversarial` (``penalty=None``, at ``alpha``) take it, for one
+    model (the sweeps ``vmap`` many); energy extrapolated to ``num_steps``.
+
+    The adversarial-debiasing report sizes the predictor and the adversary
+    together (``cost_num_params``, ``cost_opt_state_bytes``)."""
+    train = {k: jnp.asarray(v) for k, v in data.splits["train"].items()}
+    key = jax.random.key(seed)
+    if penalty is not None:
+        unit = fairness.make_fair_loss(penalty=penalty, weight=1.0, num_groups=data.num_groups)
+        step = make_train_step(penalized_loss(unit, jnp.float32(weight)))
+        state = TrainState.create(model=_predictor(hidden), tx=optax.adam(learning_rate),
+                                  key=key, example_input=train["inputs"][:1])
+        return cost_report(step, state, train, num_steps=num_steps, repeats=repeats, warmup=1)
+    debias = fairness.make_adversarial_debiasing_step(
+        _predictor(hidden), MLP((16,), out_features=data.num_groups),
+        predictor_tx=optax.adam(learning_rate), adversary_tx=optax.adam(learning_rate),
+        num_groups=data.num_groups, alpha=alpha, criterion=criterion)
+    state = debias.init(key, train["inputs"][:1])
+    return cost_report(debias.step, state, train, num_steps=num_steps, repeats=repeats,
+                       warmup=1,
+                       params=(state.predictor.params, state.adversary.params),
+                       opt_state=(state.predictor.opt_state, state.adversary.opt_state))
 
 
 # --- evaluation ---------------------------------------------------------------------------
@@ -340,8 +393,14 @@ def run(
     learning_rate: float = 0.02,
     hidden: int = 32,
     verbose: bool = True,
+    cost_repeats: int = 5,
 ) -> dict[str, Any]:
     """Runs the sweeps; writes ``metrics.json``, ``results.md`` and ``tradeoff.png``.
+
+    ``cost_repeats``: timed calls of the compute-cost reports of one training
+    step (:func:`training_cost`: the first penalty's, ``cost_*``, and
+    adversarial debiasing's, ``adversarial_cost_*``; printed when
+    ``verbose``); 0 skips them.
 
     ``weights`` are the penalty strengths ``lambda`` swept for each of
     ``penalties`` (``"demographic_parity"``, ``"equalized_odds"``); ``alphas``
@@ -390,6 +449,26 @@ def run(
     metrics["fairlearn_checked"] = f"{check_method}_{_key(check_strength)}_seed{seeds[0]}"
     metrics.update(fairlearn_check(check_log_odds[0], data))
     metrics["train_time_s"] = round(time.perf_counter() - start, 1)
+
+    if cost_repeats > 0:
+        # The main model: the predictor with the first penalty (at the largest
+        # lambda; the weight changes no shape, so not the cost either).
+        costs: dict[str, tuple[str, dict[str, Any]]] = {}
+        if penalties:
+            costs[""] = (f"the {penalties[0].replace('_', ' ')} penalty",
+                         dict(penalty=penalties[0], weight=max(weights, default=0.0)))
+        if alphas:
+            costs["adversarial_"] = (f"adversarial debiasing (alpha={alphas[0]:g})",
+                                     dict(penalty=None, alpha=alphas[0]))
+        for prefix, (what, kwargs) in costs.items():
+            report = training_cost(data, seed=seeds[0], num_steps=num_steps,
+                                   learning_rate=learning_rate, hidden=hidden,
+                                   repeats=cost_repeats, **kwargs)
+            if verbose:
+                print(f"\ntraining with {what}, one full-batch step "
+                      f"({metrics['num_train']} examples; energy: {num_steps} steps, one "
+                      f"model):\n{format_cost(report)}", flush=True)
+            metrics |= {f"{prefix}{k}": v for k, v in report.items()}
 
     table = format_table(points, data, metrics)
     (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

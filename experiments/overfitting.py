@@ -35,8 +35,14 @@ smoothing), so they and the curves are comparable. Loss and accuracy measure
 different things: label smoothing, for one, caps the model's confidence on
 purpose, which cross-entropy charges for even when the answers are right.
 
-Writes ``metrics.json`` (flat keys ``<regime>_<metric>`` and
-``<regime>_<metric>_std``), ``results.md`` (the table) and ``overfitting.png``
+The compute cost of one real training step of the baseline (the main model;
+the other regimes add a dropout mask, a weight-decay term or the augmentation
+to the same matmuls) is measured with ``nnlib.compress.cost_report`` and
+printed: ``cost_*`` keys (XLA's FLOPs and bytes, memory, median step time,
+the energy of one training run).
+
+Writes ``metrics.json`` (flat keys ``<regime>_<metric>``,
+``<regime>_<metric>_std`` and ``cost_*``), ``results.md`` (the table) and ``overfitting.png``
 (validation-loss curves and accuracy bars) into ``--workdir``, and prints the
 table. A few minutes on a 2-core CPU with the defaults; ``run`` is importable
 (the notebook and the smoke test call it small).
@@ -62,6 +68,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nnlib.compress import cost_report, format_cost  # noqa: E402
 from nnlib.data import batch_iterator, load_digits  # noqa: E402
 from nnlib.data.augment import augment  # noqa: E402
 from nnlib.data.tabular import SPLITS  # noqa: E402
@@ -259,6 +266,26 @@ def train_regime(
 METRICS = ("train_accuracy", "val_accuracy", "gap", "test_accuracy", "val_loss")
 
 
+def training_cost(
+    regime: Regime,
+    state: TrainState,
+    train: dict[str, np.ndarray],
+    *,
+    num_steps: int,
+    batch_size: int = 32,
+    seed: int = 0,
+    repeats: int = 5,
+) -> dict[str, Any]:
+    """``nnlib.compress.cost_report`` of one training step of ``regime`` as
+    :func:`train_regime` runs it: its (jitted) step, on the first batch
+    ``fit`` draws from ``train`` (padded to ``batch_size`` when the split is
+    smaller), from ``state``; the energy is extrapolated to ``num_steps``."""
+    step = _train_step(regime.label_smoothing, regime.max_shift, regime.max_degrees,
+                       regime.max_scale)
+    batch = next(iter(batch_iterator(train, batch_size, seed=seed)))
+    return cost_report(step, state, batch, num_steps=num_steps, repeats=repeats, warmup=1)
+
+
 def run(
     workdir: str | Path,
     *,
@@ -266,11 +293,15 @@ def run(
     seeds: Sequence[int] = (0, 1, 2),
     regimes: Sequence[Regime] | None = None,
     verbose: bool = True,
+    cost_repeats: int = 5,
     **train_kwargs: Any,
 ) -> dict[str, Any]:
     """Trains every regime on every seed; writes ``metrics.json``, ``results.md``
     and ``overfitting.png`` into ``workdir``. ``train_kwargs`` go to
-    :func:`train_regime`. Returns ``{"metrics", "table", "runs"}`` where
+    :func:`train_regime`. ``cost_repeats``: timed calls of the compute-cost
+    report of one training step of the main model (the ``baseline`` regime,
+    else the first; :func:`training_cost`; ``cost_*`` keys, printed when
+    ``verbose``); 0 skips it. Returns ``{"metrics", "table", "runs"}`` where
     ``runs[regime]`` is the list of per-seed results."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -297,6 +328,18 @@ def run(
             if key != "steps":
                 metrics[f"{name}_{key}_std"] = float(values.std())
     metrics["train_time_s"] = round(time.perf_counter() - start, 1)
+
+    if cost_repeats > 0:
+        main_regime = next((r for r in regimes if r.name == "baseline"), regimes[0])
+        trained = runs[main_regime.name][0]
+        batch_size = train_kwargs.get("batch_size", 32)
+        report = training_cost(main_regime, trained["state"], datasets[seeds[0]]["train"],
+                               num_steps=trained["steps"], batch_size=batch_size,
+                               seed=seeds[0], repeats=cost_repeats)
+        if verbose:
+            print(f"\n{main_regime.name} regime, one training step of batch {batch_size} (energy: "
+                  f"{trained['steps']} steps, one run):\n{format_cost(report)}", flush=True)
+        metrics |= report
 
     table = format_table(metrics, [r.name for r in regimes], num_train, len(seeds))
     (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

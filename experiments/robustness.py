@@ -25,8 +25,16 @@ adversarial batch for what any correct attack must satisfy, and reports it:
   accuracy stays up there is masking gradients, not robust (Athalye, Carlini
   & Wagner 2018, "Obfuscated Gradients Give a False Sense of Security").
 
+What robustness costs is measured too: ``nnlib.compress.cost_report`` of one
+real training step of the plain model (``cost_*`` keys) and of one PGD
+adversarial training step (``adv_cost_*``): XLA's FLOPs and bytes, memory,
+the median step time, and the energy of a whole training run. XLA counts a
+loop body once, and PGD is a ``fori_loop``, so the adversarial step's FLOPs
+are also reported with the loop counted in full
+(``adv_cost_flops_per_step_with_loop``; see :func:`training_cost`).
+
 Writes ``metrics.json`` (flat keys: ``plain_pgd_linf_0.1_accuracy``,
-``adv_0.2_check_inside_ball``, ...), ``results.md`` (the table) and
+``adv_0.2_check_inside_ball``, ``cost_flops_per_step``, ...), ``results.md`` (the table) and
 ``robust_accuracy.png`` into the workdir and prints the table.
 ``run(config, workdir)`` and the pieces it calls are importable (the notebook
 and the smoke test use them at tiny size).
@@ -53,6 +61,7 @@ from jax.tree_util import Partial
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nnlib import losses  # noqa: E402
+from nnlib.compress import cost_report, flops, format_cost  # noqa: E402
 from nnlib.data import Dataset, load_digits  # noqa: E402
 from nnlib.models import CNN  # noqa: E402
 from nnlib.robust import fgsm, make_adversarial_train_step, pgd  # noqa: E402
@@ -154,6 +163,66 @@ def train_digits_cnn(
             if k.startswith("train_") and np.isscalar(v)}
     info["num_params"] = float(num_params(state.params))
     return model, state.params, info
+
+
+def training_cost(
+    model: CNN,
+    params: Any,
+    data: Dataset,
+    *,
+    num_steps: int,
+    batch_size: int = 64,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+    adversarial: dict[str, Any] | None = None,
+    repeats: int = 5,
+) -> dict[str, Any]:
+    """``nnlib.compress.cost_report`` of one real training step of ``model``.
+
+    The step is the one :func:`train_digits_cnn` runs (Adam; plain, or PGD
+    adversarial training with the keyword arguments ``adversarial``), on the
+    first ``batch_size`` training digits, from ``params``; the energy is
+    extrapolated to ``num_steps`` steps (a whole training run).
+
+    XLA's cost analysis counts a ``while`` loop's body once, and PGD is a
+    ``lax.fori_loop``: whatever its ``num_steps``, the adversarial step's
+    ``cost_flops_per_step`` holds one PGD iteration. So for adversarial
+    training the report adds ``cost_loop_body_flops`` (XLA's count of one
+    PGD iteration on the attacked rows, compiled as ``cost_report``'s step
+    is: ``nnlib.robust.pgd`` with ``num_steps=1`` and no random start), ``cost_loop_trip_count`` and
+    ``cost_flops_per_step_with_loop = cost_flops_per_step + (trip_count - 1)
+    * cost_loop_body_flops``. The measured time needs no correction.
+
+    Returns:
+      ``cost_report``'s flat ``cost_*`` dict (plus the loop keys above).
+    """
+    state = jax.jit(lambda key: TrainState.create(
+        model=model, tx=optax.adam(learning_rate), key=key,
+        example_input=data.train["inputs"][:1]))(jax.random.key(seed))
+    state = state.replace(params=params)
+    batch = {"inputs": data.train["inputs"][:batch_size],
+             "labels": data.train["labels"][:batch_size]}
+    step = make_train_step() if adversarial is None else make_adversarial_train_step(
+        **adversarial)
+    report = cost_report(step, state, batch, num_steps=num_steps, repeats=repeats, warmup=1)
+    if adversarial is not None:
+        n = batch_size
+        rows = max(1, round(adversarial.get("mix", 1.0) * n))  # the attacked rows
+        attack = {k: adversarial[k] for k in ("epsilon", "step_size", "norm", "clip_min",
+                                               "clip_max") if k in adversarial}
+
+        def one_iteration(variables, x, labels):
+            return pgd(Partial(model.apply, variables), x, labels, num_steps=1,
+                       random_start=False, **attack)
+
+        body = flops(one_iteration, state.variables, batch["inputs"][:rows],
+                     batch["labels"][:rows], compiled=True)  # as cost_report counts
+        trips = int(adversarial["num_steps"])
+        report["cost_loop_body_flops"] = body
+        report["cost_loop_trip_count"] = trips
+        report["cost_flops_per_step_with_loop"] = report["cost_flops_per_step"] + (
+            trips - 1) * body
+    return report
 
 
 # --- attacks and their checks ----------------------------------------------------
@@ -321,6 +390,16 @@ def _table(config: RobustnessConfig, metrics: dict[str, float]) -> str:
     lines += ["", "Training time (s): " + ", ".join(
         f"{_title(n)} {metrics[f'{n}_train_time_s']:.1f}" for n in names)
         + f"; attack suites {metrics['attack_time_s']:.1f}."]
+    if "adv_training_time_ratio" in metrics:
+        lines += ["", f"One training step (batch {config.batch_size}): plain "
+                  f"{metrics['cost_flops_per_step'] / 1e6:.2f} MFLOP, "
+                  f"{1e3 * metrics['cost_step_time_s']:.2f} ms; PGD adversarial "
+                  f"({config.train_pgd_steps} PGD steps) "
+                  f"{metrics['adv_cost_flops_per_step_with_loop'] / 1e6:.2f} MFLOP (loop counted "
+                  f"in full), {1e3 * metrics['adv_cost_step_time_s']:.2f} ms: "
+                  f"{metrics['adv_training_flops_ratio']:.1f}x the FLOPs, "
+                  f"{metrics['adv_training_time_ratio']:.1f}x the time (median of "
+                  f"{metrics['cost_timing_repeats']} on {metrics['cost_device']})."]
     return "\n".join(lines)
 
 
@@ -358,9 +437,14 @@ def plot_robustness(config: RobustnessConfig, metrics: dict[str, float],
 
 
 def run(config: RobustnessConfig, workdir: str | Path | None = None,
-        data: Dataset | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+        data: Dataset | None = None, *, cost_repeats: int = 5
+        ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Trains every model, attacks it, checks the attacks; writes the outputs if
     ``workdir`` is given.
+
+    ``cost_repeats``: timed calls of the compute-cost report of one plain and
+    one adversarial training step (:func:`training_cost`; printed, and merged
+    into the metrics as ``cost_*`` and ``adv_cost_*``); 0 skips it.
 
     Returns:
       ``(metrics, models)``: flat metrics (``plain_pgd_linf_0.1_accuracy``,
@@ -373,7 +457,7 @@ def run(config: RobustnessConfig, workdir: str | Path | None = None,
     x, y = data.test["inputs"][:n], data.test["labels"][:n]
     common = dict(num_steps=config.num_steps, batch_size=config.batch_size,
                   learning_rate=config.learning_rate, seed=config.seed)
-    metrics: dict[str, float] = {"num_test": float(n)}
+    metrics: dict[str, Any] = {"num_test": float(n)}
     # One model object and one initial state for all: same initialization, and
     # the compiled attacks (keyed by Partial(model.apply, ...)) serve every model.
     model = CNN(features=config.features, hidden_sizes=config.hidden_sizes,
@@ -397,6 +481,17 @@ def run(config: RobustnessConfig, workdir: str | Path | None = None,
             if k in info:
                 metrics[f"{name}_{k}"] = info[k]
         models[name] = (model, params)
+        # What one training step costs: the plain step ("cost_*") and the first
+        # adversarial one ("adv_cost_*"; every training epsilon costs the same).
+        if cost_repeats > 0 and (name == "plain" or "adv_cost_flops_per_step" not in metrics):
+            report = training_cost(model, params, data, adversarial=adversarial,
+                                   repeats=cost_repeats, **common)
+            what = ("plain training" if adversarial is None else
+                    f"PGD adversarial training ({adversarial['num_steps']} PGD steps)")
+            print(f"{what}, one step of batch {config.batch_size} (energy: "
+                  f"{config.num_steps} steps):\n{format_cost(report)}", flush=True)
+            prefix = "" if adversarial is None else "adv_"
+            metrics |= {f"{prefix}{k}": v for k, v in report.items()}
         start = time.perf_counter()
         results = attack_suite(Partial(model.apply, {"params": params}), x, y,
                                linf_epsilons=config.linf_epsilons,
@@ -411,6 +506,14 @@ def run(config: RobustnessConfig, workdir: str | Path | None = None,
         for check, ok in attack_checks(results, config.linf_epsilons, n).items():
             metrics[f"{name}_{check}"] = ok
     metrics["attack_time_s"] = attack_time
+    if "cost_step_time_s" in metrics and "adv_cost_step_time_s" in metrics:
+        metrics["adv_training_time_ratio"] = (metrics["adv_cost_step_time_s"]
+                                              / metrics["cost_step_time_s"])
+        metrics["adv_training_flops_ratio"] = (metrics["adv_cost_flops_per_step_with_loop"]
+                                               / metrics["cost_flops_per_step"])
+        print(f"PGD adversarial training costs {metrics['adv_training_flops_ratio']:.1f}x the "
+              f"FLOPs (PGD loop counted in full) and {metrics['adv_training_time_ratio']:.1f}x "
+              f"the time of a plain training step", flush=True)
 
     if workdir is not None:
         workdir = Path(workdir)
@@ -424,7 +527,7 @@ def run(config: RobustnessConfig, workdir: str | Path | None = None,
     return metrics, models
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="where results go")
     parser.add_argument("--size", choices=("full", "tiny"), default="full")

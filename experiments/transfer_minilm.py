@@ -35,6 +35,15 @@ Five classifiers, one split (test accuracy reported; chance is 1/8):
   small BERT (2 layers, width 64) initialised at random and trained on the
   same split, longer.
 
+What each costs to train is measured on one real training step (the first
+batch of the training split) with ``nnlib.compress.cost_report``: XLA's FLOPs
+and bytes, parameter and optimizer-state bytes, compiled memory, the median
+step time and the energy of the whole run, printed with ``format_cost``. The
+fine-tuned MiniLM is the main model (``cost_*`` keys); the frozen encoder's
+step (``frozen_cost_*``: no backward pass through the encoder, no optimizer
+state for it) and the from-scratch baseline's (``baseline_cost_*``) are
+reported beside it.
+
 Writes ``metrics.json`` (flat keys), ``results.md`` (the table) and
 ``transfer_minilm.png`` (test accuracies; validation accuracy per epoch)
 into the workdir, and prints the table. ``--quick`` runs a tiny version.
@@ -62,6 +71,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from nnlib.compress import cost_report, format_cost  # noqa: E402
 from nnlib.data.batching import batch_iterator  # noqa: E402
 from nnlib.models.bert import BertConfig  # noqa: E402
 from nnlib.pretrained import (  # noqa: E402
@@ -223,9 +233,14 @@ def train_classifier(
     batch_size: int,
     seed: int,
     show_progress: bool,
+    cost_repeats: int = 0,
 ) -> tuple[Any, dict[str, Any]]:
     """Fits ``model`` from ``params``; returns final params and test / val metrics
-    plus the validation accuracy after each epoch."""
+    plus the validation accuracy after each epoch.
+
+    ``cost_repeats > 0`` also returns ``"cost"``: ``nnlib.compress.cost_report``
+    of one training step (the first training batch, from the trained state;
+    that many timed calls), its energy extrapolated to the steps taken."""
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                        key=jax.random.key_data(jax.random.key(seed)), collections={},
                        apply_fn=model.apply, tx=tx)
@@ -243,9 +258,13 @@ def train_classifier(
     test = average_metrics([eval_step(state, b) for b in
                             _batches(data["test"], batch_size, shuffle=False)])
     curve = [r["accuracy"] for r in summary["history"] if r["split"] == "val"]
-    return state.params, {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
-                          "val_accuracy": curve[-1], "val_curve": curve,
-                          "train_time_s": train_time}
+    result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
+              "val_accuracy": curve[-1], "val_curve": curve, "train_time_s": train_time}
+    if cost_repeats > 0:
+        batch = _batches(data["train"], batch_size, shuffle=True)[0]
+        result["cost"] = cost_report(train_step, state, batch, num_steps=int(state.step),
+                                     repeats=cost_repeats, warmup=1)
+    return state.params, result
 
 
 # --------------------------------------------------------------------------- #
@@ -259,6 +278,7 @@ def run(
     *,
     checkpoint: str | Path | None = None,
     show_progress: bool = True,
+    cost_repeats: int = 5,
 ) -> dict[str, Any]:
     """Runs all five classifiers; writes metrics.json, results.md and the plot.
 
@@ -268,6 +288,10 @@ def run(
       checkpoint: a BERT checkpoint folder for ``load_minilm(path=...)``;
         ``None``: the installed all-MiniLM-L6-v2.
       show_progress: progress bars in ``fit``.
+      cost_repeats: timed calls of each trained classifier's compute-cost
+        report (one training step; printed, and written as ``cost_*`` for the
+        fine-tuned MiniLM, ``frozen_cost_*`` and ``baseline_cost_*``); 0 skips
+        them.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -305,7 +329,19 @@ def run(
     curves: dict[str, list[float]] = {}
     key_frozen, key_finetune, key_baseline = jax.random.split(jax.random.key(config.seed), 3)
     fit_args = dict(batch_size=config.batch_size, seed=config.seed,
-                    show_progress=show_progress)
+                    show_progress=show_progress, cost_repeats=cost_repeats)
+
+    def record(name: str, prefix: str, result: dict[str, Any]) -> None:
+        """Stores a run's metrics as ``prefix_*``; prints its cost report and stores
+        it as ``prefix_cost_*`` (the fine-tuned main model's as plain ``cost_*``)."""
+        curves[name] = result.pop("val_curve")
+        cost = result.pop("cost", None)
+        metrics.update({f"{prefix}_{k}": v for k, v in result.items()})
+        if cost is not None:
+            print(f"{name}, one training step of batch {config.batch_size} (energy: "
+                  f"{cost['cost_num_steps']} steps):\n{format_cost(cost)}", flush=True)
+            cost_prefix = "" if prefix == "finetune" else f"{prefix}_"
+            metrics.update({f"{cost_prefix}{k}": v for k, v in cost.items()})
     steps = lambda epochs: epochs * -(-len(splits["train"]["labels"]) // config.batch_size)  # noqa: E731
 
     # Frozen encoder, new head: optax masking + no backward through the encoder.
@@ -319,8 +355,7 @@ def run(
         float(jnp.max(jnp.abs(a - b))) for a, b in
         zip(jax.tree.leaves(trained["bert"]), jax.tree.leaves(params["bert"]), strict=True))
     metrics["frozen_trainable_params"] = num_params(trained["classifier"])
-    curves["frozen"] = result.pop("val_curve")
-    metrics.update({f"frozen_{k}": v for k, v in result.items()})
+    record("frozen", "frozen", result)
 
     # Whole model fine-tuned, AdamW with warm-up and cosine decay.
     finetune = SentenceClassifier(pretrained.config, num_classes,
@@ -333,8 +368,7 @@ def run(
     _, result = train_classifier(finetune, params, tx, data, epochs=config.finetune_epochs,
                                  **fit_args)
     metrics["finetune_trainable_params"] = num_params(params)
-    curves["fine-tuned"] = result.pop("val_curve")
-    metrics.update({f"finetune_{k}": v for k, v in result.items()})
+    record("fine-tuned", "finetune", result)
 
     # Baseline: the same design on a small BERT from random initialisation.
     small = BertConfig(vocab_size=pretrained.config.vocab_size,
@@ -352,8 +386,7 @@ def run(
     _, result = train_classifier(baseline, params, tx, data, epochs=config.baseline_epochs,
                                  **fit_args)
     metrics["baseline_trainable_params"] = num_params(params)
-    curves["from scratch"] = result.pop("val_curve")
-    metrics.update({f"baseline_{k}": v for k, v in result.items()})
+    record("from scratch", "baseline", result)
 
     metrics["total_time_s"] = time.perf_counter() - t0
     (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -374,14 +407,16 @@ ROWS = (
 
 
 def results_table(metrics: dict[str, Any]) -> str:
-    """The markdown table of test accuracies."""
+    """The markdown table of test accuracies (and, where measured, XLA's FLOPs of
+    one training step of batch ``batch_size``)."""
     lines = [
         f"Topic of a Python stdlib docstring sentence: {metrics['num_topics']} topics, "
         f"{metrics['num_train']} train / {metrics['num_val']} val / {metrics['num_test']} "
         f"test sentences (chance {metrics['chance_accuracy']:.3f}).",
         "",
-        "| method | test accuracy | 95% interval | trained parameters | train time (s) |",
-        "|---|---|---|---|---|",
+        "| method | test accuracy | 95% interval | trained parameters | train time (s) "
+        "| MFLOP / train step |",
+        "|---|---|---|---|---|---|",
     ]
     for name, key, count in ROWS:
         accuracy = metrics[f"{key}_test_accuracy"]
@@ -389,8 +424,11 @@ def results_table(metrics: dict[str, Any]) -> str:
         half = 1.96 * np.sqrt(accuracy * (1 - accuracy) / metrics["num_test"])
         trained = f"{metrics[count]:,}" if count else "0"
         seconds = metrics.get(f"{key}_train_time_s")
+        flops = metrics.get("cost_flops_per_step" if key == "finetune" else
+                            f"{key}_cost_flops_per_step")
         lines.append(f"| {name} | {accuracy:.3f} | ±{half:.3f} | {trained} | "
-                     f"{'-' if seconds is None else f'{seconds:.1f}'} |")
+                     f"{'-' if seconds is None else f'{seconds:.1f}'} | "
+                     f"{'-' if flops is None else f'{flops / 1e6:,.1f}'} |")
     return "\n".join(lines)
 
 
@@ -429,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     config = TransferConfig.quick() if args.quick else TransferConfig()
     return run(config, args.workdir, checkpoint=args.checkpoint,
-               show_progress=sys.stderr.isatty())
+               show_progress=sys.stderr.isatty(), cost_repeats=2 if args.quick else 5)
 
 
 if __name__ == "__main__":

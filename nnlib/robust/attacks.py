@@ -387,6 +387,59 @@ def pgd(
 # --- evaluation ------------------------------------------------------------------
 
 
+class _ByIdentity:
+    """A static-argument key for an unhashable callable: equal only to itself."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ByIdentity) and other.value is self.value
+
+
+def _split_callable(fn: Callable[..., Any] | None) -> tuple[Any, list[Array]]:
+    """(hashable static part, array leaves) of a model or an attack, for a jit cache key.
+
+    A plain ``functools.partial`` is not a pytree and hashes by identity, so a
+    new ``partial(pgd, epsilon=0.1, ...)`` per call would compile anew; it is
+    rebuilt as a ``jax.tree_util.Partial``, whose Python arguments
+    (``epsilon=0.1``, ``num_steps=10``, ``norm="linf"``) join the key by value
+    and whose array arguments are traced (:func:`_split_model`). A callable
+    whose static part is unhashable is keyed by identity.
+    """
+    if fn is None:
+        return None, []
+    if type(fn) is functools.partial:
+        fn = jax.tree_util.Partial(fn.func, *fn.args, **fn.keywords)
+    static, arrays = _split_model(fn)
+    try:
+        hash(static)
+    except TypeError:
+        return _ByIdentity(fn), []
+    return static, arrays
+
+
+def _join_callable(static: Any, arrays: list[Array]) -> Callable[..., Any]:
+    return static.value if isinstance(static, _ByIdentity) else _join_model(static, arrays)
+
+
+@functools.partial(jax.jit, static_argnames=("model_static", "attack_static"))
+def _count_correct(model_static, model_arrays, attack_static, attack_arrays, x, labels, valid,
+                   key):
+    """Number of ``valid`` rows of ``x [B, ...]`` still classified as ``labels [B]``
+    after the attack; one compiled program per (model, attack, shapes), kept by
+    jit's cache across :func:`robust_accuracy` calls."""
+    model = _join_callable(model_static, model_arrays)
+    if attack_static is not None:
+        attack = _join_callable(attack_static, attack_arrays)
+        x = attack(model, x, labels) if key is None else attack(model, x, labels, key=key)
+    hit = jnp.argmax(model(x), axis=-1) == labels  # [B]
+    return jnp.sum(jnp.where(valid, hit, False).astype(jnp.int32))
+
+
 def robust_accuracy(
     model_fn: ModelFn,
     x: Float[Array, "n ..."],
@@ -401,6 +454,16 @@ def robust_accuracy(
     The last partial batch is padded (with copies of its first example) to the
     full size, so every batch runs the same compiled program; padding rows are
     not counted.
+
+    The program is compiled once per model structure, attack and batch shape
+    and reused by later calls: pass ``model_fn`` as ``Partial(model.apply,
+    variables)`` (new parameter values reuse it) and ``attack_fn`` as a
+    ``functools.partial`` or ``jax.tree_util.Partial`` of :func:`pgd` /
+    :func:`fgsm`. The attack's Python arguments are part of the cache key by
+    value (``epsilon=0.1`` and ``epsilon=0.2`` compile twice; a rebuilt
+    ``partial(pgd, epsilon=0.1, ...)`` does not), its array arguments are
+    traced (``epsilon=jnp.float32(0.1)``: one program for every radius). A
+    lambda or other callable is keyed by identity: a new one compiles anew.
 
     Args:
       model_fn: ``x [B, ...] -> logits [B, C]``.
@@ -423,21 +486,14 @@ def robust_accuracy(
     n = x.shape[0]
     if n == 0:
         raise ValueError(f"{fn} got no examples (x has shape {x.shape})")
-    static, arrays = _split_model(model_fn)
-
-    @jax.jit
-    def correct(arrays, xb, yb, valid, k):  # -> number of valid rows still correct
-        model = _join_model(static, arrays)
-        if attack_fn is not None:
-            xb = attack_fn(model, xb, yb) if k is None else attack_fn(model, xb, yb, key=k)
-        hit = jnp.argmax(model(xb), axis=-1) == yb  # [B]
-        return jnp.sum(jnp.where(valid, hit, False).astype(jnp.int32))
-
+    model_static, model_arrays = _split_callable(model_fn)
+    attack_static, attack_arrays = _split_callable(attack_fn)
     total = 0
     for i, start in enumerate(range(0, n, batch_size)):
         rows = np.arange(start, start + batch_size)
         valid = rows < n
         rows = np.where(valid, rows, start)  # pad with the batch's first example
         k = None if key is None else jax.random.fold_in(key, i)
-        total += int(correct(arrays, x[rows], labels[rows], jnp.asarray(valid), k))
+        total += int(_count_correct(model_static, model_arrays, attack_static, attack_arrays,
+                                    x[rows], labels[rows], jnp.asarray(valid), k))
     return total / n

@@ -1,4 +1,5 @@
-"""experiments/fairness_tradeoff.py at tiny size: files, sane numbers, fairlearn, CSV input."""
+"""experiments/fairness_tradeoff.py at tiny size: files, sane numbers, fairlearn, CSV input,
+and the compute-cost reports (parameter counts and matmul FLOPs in closed form)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,21 @@ def test_tiny_sweep_writes_files_and_the_penalty_narrows_the_gap(tmp_path):
         metrics["fairlearn_dp_difference"], abs=1e-6)
     table = (tmp_path / "results.md").read_text()
     assert table.count("\n| ") == 1 + 2 + 1  # header, a sweep of two, one adversary
+    # The cost of one full-batch training step: the penalized predictor, the debiasing pair.
+    n, d = len(data.splits["train"]["labels"]), data.splits["train"]["inputs"].shape[1]
+    predictor = d * 32 + 32 + 32 + 1  # MLP d -> 32 -> 1
+    adversary = 1 * 16 + 16 + 16 * 2 + 2  # MLP (one DP feature: the output) -> 16 -> 2 groups
+    assert metrics["cost_num_params"] == predictor
+    assert metrics["adversarial_cost_num_params"] == predictor + adversary
+    for prefix in ("", "adversarial_"):
+        assert metrics[f"{prefix}cost_flops_per_step"] > 0
+        assert metrics[f"{prefix}cost_energy_kwh"] > 0 and metrics[f"{prefix}cost_co2_g"] > 0
+        assert metrics[f"{prefix}cost_num_steps"] == 150
+    # The predictor's matmuls: forward 2*n*(d*32 + 32), the weight gradients as much
+    # again, the hidden layer's input gradient 2*n*32 (the data's needs none).
+    matmuls = 2 * n * (d * 32 + 32) * 2 + 2 * n * 32
+    assert matmuls <= metrics["cost_flops_per_step"] <= 3 * matmuls
+    assert metrics["adversarial_cost_flops_per_step"] > metrics["cost_flops_per_step"]
 
 
 def test_evaluate_matches_numpy_by_hand():
@@ -122,5 +138,7 @@ def test_main_runs_on_a_user_csv(tmp_path):
     assert metrics["fairlearn_checked"] == "eo_penalty_0_seed0"  # no DP point: the first
     assert metrics["fairlearn_max_abs_difference"] < 1e-6
     assert 0.5 < metrics["eo_penalty_0_accuracy"] <= 1.0
+    assert metrics["cost_flops_per_step"] > 0 and metrics["cost_energy_kwh"] > 0
+    assert "adversarial_cost_flops_per_step" not in metrics  # no alphas, no adversary
     assert (tmp_path / "run" / "tradeoff.png").is_file()
     assert "people.csv: income by sex" in out["table"]

@@ -1,4 +1,5 @@
-"""experiments/overfitting.py at tiny size: files, sane numbers, the augmented step."""
+"""experiments/overfitting.py at tiny size: files, sane numbers, the augmented step, and
+the compute-cost report of a training step against the MLP's matmul FLOPs in closed form."""
 
 from __future__ import annotations
 
@@ -57,6 +58,17 @@ def test_tiny_run_writes_files_and_sane_numbers(tmp_path):
     runs = out["runs"]["all_combined"][0]
     assert runs["best_step"] <= runs["steps"] <= 80
     assert "| all_combined |" in out["table"]
+    # The cost of one baseline training step (batch 32: 20 digits, padded) is in metrics.json.
+    assert metrics["cost_flops_per_step"] > 0
+    assert metrics["cost_energy_kwh"] > 0 and metrics["cost_co2_g"] > 0
+    assert metrics["cost_num_params"] == metrics["num_params"]
+    assert metrics["cost_num_steps"] == 80
+    # Its matmuls in closed form: forward 2*B*(64*64 + 64*10), the weight gradients as
+    # much again, and the input gradient of the second layer only (the first layer's
+    # input needs none). Bias, activation, loss and AdamW add a little on top.
+    b = 32
+    matmuls = 2 * b * (64 * 64 + 64 * 10) * 2 + 2 * b * 64 * 10
+    assert matmuls <= metrics["cost_flops_per_step"] <= 1.5 * matmuls
 
 
 def test_augmented_step_is_the_plain_step_on_augmented_inputs():

@@ -9,6 +9,10 @@ required properties recomputed independently.
 * The run: every output file, every reported check passed, accuracy falling
   with epsilon, and the adversarially trained model more robust than the
   plain one at its training radius (Madry et al. 2018).
+* The compute-cost report of a plain and an adversarial training step lands
+  in metrics.json; the parameter count matches the model's, and one PGD
+  iteration (a forward and an input-gradient pass) costs 2-4 forward passes,
+  each forward counted here separately by XLA.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from experiments.robustness import RobustnessConfig, evaluate_attack, main, run  # noqa: E402
+from nnlib.compress import flops  # noqa: E402
 from nnlib.data import load_digits  # noqa: E402
 
 CONFIG = dataclasses.replace(RobustnessConfig.tiny(), num_steps=120, num_test=96)
@@ -48,6 +53,31 @@ def test_writes_every_output_and_passes_its_checks(result):
     assert "| PGD L∞ | 0.1 |" in (workdir / "results.md").read_text()
     checks = {k: v for k, v in metrics.items() if "_check_" in k}
     assert len(checks) == 14 and all(v == 1.0 for v in checks.values()), checks
+
+
+def test_reports_the_cost_of_plain_and_adversarial_training(result):
+    workdir, metrics, models, data = result
+    saved = json.loads((workdir / "metrics.json").read_text())
+    for prefix in ("", "adv_"):
+        assert saved[f"{prefix}cost_flops_per_step"] > 0
+        assert saved[f"{prefix}cost_energy_kwh"] > 0 and saved[f"{prefix}cost_co2_g"] > 0
+        assert saved[f"{prefix}cost_num_params"] == metrics["num_params"]
+        assert saved[f"{prefix}cost_num_steps"] == CONFIG.num_steps
+    # One PGD iteration on the attacked batch vs a forward pass on it, counted apart.
+    model, params = models["plain"]
+    x = data.train["inputs"][:CONFIG.batch_size]
+    forward = flops(lambda p, x: model.apply({"params": p}, x), params, x, compiled=True)
+    assert 2.0 * forward <= saved["adv_cost_loop_body_flops"] <= 4.0 * forward
+    k = CONFIG.train_pgd_steps
+    assert saved["adv_cost_loop_trip_count"] == k
+    assert saved["adv_cost_flops_per_step_with_loop"] == pytest.approx(
+        saved["adv_cost_flops_per_step"] + (k - 1) * saved["adv_cost_loop_body_flops"])
+    # The adversarial step is the plain one plus k attack iterations (and two
+    # evaluation passes): at least k forward passes more.
+    assert (saved["adv_cost_flops_per_step_with_loop"]
+            >= saved["cost_flops_per_step"] + k * forward)
+    assert saved["adv_training_flops_ratio"] > 1.0
+    assert "One training step" in (workdir / "results.md").read_text()
 
 
 def test_accuracies_are_sane(result):

@@ -5,7 +5,10 @@ The pipeline runs end to end on a tiny random BERT checkpoint (1 layer, width
 seconds; the full run with the real MiniLM is ``python
 experiments/transfer_minilm.py``. Checked: the files, the sizes, that the
 frozen encoder did not move by a single bit, parameter counts in closed form,
-and that the dataset's labels are the packages the sentences come from.
+that the dataset's labels are the packages the sentences come from, and the
+compute-cost reports of one training step: Adam's state is two float32
+moments per trained parameter (the frozen encoder has none), and XLA's FLOPs
+against the encoder's matmuls counted by hand.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def test_dataset_is_stratified_disjoint_and_labelled_by_package():
 
 def test_quick_run_writes_sane_results(tiny_checkpoint, tmp_path):
     config = TransferConfig.quick()
-    metrics = run(config, tmp_path, checkpoint=tiny_checkpoint, show_progress=False)
+    metrics = run(config, tmp_path, checkpoint=tiny_checkpoint, show_progress=False,
+                  cost_repeats=2)
     for name in ("metrics.json", "results.md", "transfer_minilm.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
@@ -92,3 +96,26 @@ def test_quick_run_writes_sane_results(tiny_checkpoint, tmp_path):
     assert metrics["finetune_trainable_params"] == encoder + h * c + c
     table = (tmp_path / "results.md").read_text()
     assert "| fine-tuned MiniLM |" in table and "small BERT from scratch" in table
+    assert "MFLOP / train step" in table
+
+    # Compute cost of one training step: fine-tuned (cost_*), frozen, from scratch.
+    steps_per_epoch = -(-metrics["num_train"] // config.batch_size)
+    for prefix, epochs, trained in (("", config.finetune_epochs, "finetune"),
+                                    ("frozen_", config.frozen_epochs, "frozen"),
+                                    ("baseline_", config.baseline_epochs, "baseline")):
+        assert metrics[f"{prefix}cost_num_steps"] == epochs * steps_per_epoch
+        assert metrics[f"{prefix}cost_energy_kwh"] > 0 and metrics[f"{prefix}cost_co2_g"] > 0
+        # Adam(W): two float32 moments per trained parameter, plus step counters.
+        count = metrics[f"{trained}_trainable_params"]
+        assert 8 * count <= metrics[f"{prefix}cost_opt_state_bytes"] <= 8 * count + 16
+    assert metrics["cost_num_params"] == metrics["frozen_cost_num_params"] == (
+        metrics["finetune_trainable_params"])  # the frozen model holds the encoder too
+    assert metrics["baseline_cost_num_params"] == metrics["baseline_trainable_params"]
+    # The encoder's matmuls on one batch [B, T], by hand: Q, K, V, output (4 h x h) and
+    # the feed-forward (h x i, i x h) per token; Q K^T and attention x V per sequence.
+    b, t, i = config.batch_size, config.max_length, TINY.intermediate_size
+    encoder_matmuls = 2 * b * t * (4 * h * h + 2 * h * i) + 2 * 2 * b * t * t * h
+    frozen, finetune = metrics["frozen_cost_flops_per_step"], metrics["cost_flops_per_step"]
+    assert encoder_matmuls <= frozen <= 3 * encoder_matmuls  # a forward pass, no backward
+    # Fine-tuning adds the backward pass (two matmuls per forward one) and AdamW on all.
+    assert finetune >= frozen + 2 * encoder_matmuls

@@ -301,6 +301,64 @@ def test_robust_accuracy_below_clean_and_falls_with_epsilon(digits):
     assert by_batches <= clean
 
 
+def test_robust_accuracy_compiles_once_per_model_attack_and_shape(strict, digits):
+    """A second call with the same shapes traces (so compiles) nothing new: not for a
+    rebuilt ``functools.partial`` attack, not for new parameter values; a new
+    Python-valued epsilon does compile anew, a traced (array) epsilon does not."""
+    model_fn, x, y = digits
+    x, y = x[:40], y[:40]
+    traces = []
+
+    def counting_apply(variables, inputs):  # its body runs only while jax traces
+        traces.append(inputs.shape)
+        return model_fn.func(variables, inputs)
+
+    def attack(epsilon):  # rebuilt on every call, as a user would
+        return functools.partial(pgd, epsilon=epsilon, step_size=0.05, num_steps=2)
+
+    def reference(variables, epsilon):  # the public pgd, batch by batch, no padding
+        f = Partial(model_fn.func, variables)
+        hits = [np.argmax(np.asarray(f(pgd(f, x[i:i + 20], y[i:i + 20], epsilon=epsilon,
+                                            step_size=0.05, num_steps=2,
+                                            key=jax.random.fold_in(KEY, i // 20)))), -1)
+                == y[i:i + 20] for i in (0, 20)]
+        return np.mean(np.concatenate(hits))
+
+    variables = model_fn.args[0]
+    first = robust_accuracy(Partial(counting_apply, variables), x, y, attack(0.1), 20, key=KEY)
+    compiled = len(traces)
+    assert compiled > 0
+    assert first == reference(variables, 0.1)
+    moved = jax.tree.map(lambda v: 1.5 * v, variables)  # new values, same shapes
+    again = robust_accuracy(Partial(counting_apply, moved), x, y, attack(0.1), 20, key=KEY)
+    assert len(traces) == compiled
+    assert again == reference(moved, 0.1)
+    # The attack's Python arguments are part of the program: epsilon 0.2 compiles anew
+    # (reusing epsilon 0.1's program would be a silent bug).
+    wider = robust_accuracy(Partial(counting_apply, variables), x, y, attack(0.2), 20, key=KEY)
+    assert len(traces) > compiled
+    assert wider == reference(variables, 0.2)
+    # Array arguments are traced: one program for every radius.
+    traced = robust_accuracy(Partial(counting_apply, variables), x, y,
+                             attack(jnp.float32(0.1)), 20, key=KEY)
+    compiled = len(traces)
+    traced_wider = robust_accuracy(Partial(counting_apply, variables), x, y,
+                                   attack(jnp.float32(0.2)), 20, key=KEY)
+    assert len(traces) == compiled
+    assert (traced, traced_wider) == (first, wider)
+    # Clean accuracy, and a lambda attack (keyed by identity), compile once too.
+    one_step = lambda f, xb, yb: fgsm(f, xb, yb, 0.1)  # noqa: E731
+    runs = [(robust_accuracy(Partial(counting_apply, variables), x, y, None, 20),
+             robust_accuracy(Partial(counting_apply, variables), x, y, one_step, 20))]
+    compiled = len(traces)
+    runs.append((robust_accuracy(Partial(counting_apply, variables), x, y, None, 20),
+                 robust_accuracy(Partial(counting_apply, variables), x, y, one_step, 20)))
+    assert len(traces) == compiled
+    clean = np.mean(np.argmax(np.asarray(model_fn(x)), -1) == y)
+    fgsm_acc = np.mean(np.argmax(np.asarray(model_fn(fgsm(model_fn, x, y, 0.1))), -1) == y)
+    assert runs == [(clean, fgsm_acc)] * 2
+
+
 # --- adversarial training ------------------------------------------------------------
 
 
