@@ -8,7 +8,14 @@ from nnlib.models.bert import (
     BertOutput,
 )
 from nnlib.models.cnn import CNN
-from nnlib.models.gpt import GPT, GPTConfig, KVCache, generate, sample_next_token
+from nnlib.models.gpt import (
+    GPT,
+    GPTConfig,
+    KVCache,
+    generate,
+    gpt_attention_weights,
+    sample_next_token,
+)
 from nnlib.models.mlp import MLPClassifier
 from nnlib.models.rnn import RNNClassifier, RNNLanguageModel
 from nnlib.models.transformer import Seq2SeqTransformer, TransformerClassifier
@@ -29,5 +36,6 @@ __all__ = [
     "Seq2SeqTransformer",
     "TransformerClassifier",
     "generate",
+    "gpt_attention_weights",
     "sample_next_token",
 ]

@@ -24,7 +24,9 @@ Two ways to run the same parameters:
   attends with ``jax.nn.dot_product_attention(..., is_causal=True)``, which
   may use a fused kernel. Dropout (embedding and residual branches) is active
   with ``train=True``; there is no attention-weight dropout, which the fused
-  kernel cannot apply.
+  kernel cannot apply. The fused kernel never forms the attention weights;
+  ``gpt_attention_weights(model, variables, tokens)`` (or ``apply`` with
+  ``mutable=["intermediates"]``) computes and returns them as well.
 - **Cached decoding** (generation): a ``KVCache`` holds every layer's keys and
   values for the positions seen so far. ``prefill`` runs a whole prompt in one
   pass and fills the cache; ``decode_step`` runs one new token against it.
@@ -64,7 +66,11 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from nnlib.layers._checks import ShapeError
 from nnlib.layers.activations import get_activation
-from nnlib.layers.attention import causal_mask, dot_product_attention
+from nnlib.layers.attention import (
+    causal_mask,
+    dot_product_attention,
+    dot_product_attention_weights,
+)
 from nnlib.layers.dense import Dense
 from nnlib.layers.normalization import Dropout, LayerNorm
 
@@ -214,6 +220,12 @@ class _CausalSelfAttention(nn.Module):
                 query, cache.keys[layer], cache.values[layer], mask,
                 implementation="explicit",
             )  # [B, T, H, D]
+        if cache is None and self.is_mutable_collection("intermediates"):
+            # Asked for (gpt_attention_weights / mutable=["intermediates"]):
+            # the fused kernel never forms the weights, so compute them once
+            # more from the same q and k. Skipped entirely otherwise.
+            weights = dot_product_attention_weights(query, key, causal_mask(time))
+            self.sow("intermediates", "attention_weights", weights)  # [B, H, T, T]
         attended = attended.reshape(batch, time, width)  # [B, T, d]
         residual_init = _normal(_INIT_STDDEV / math.sqrt(2 * c.num_layers))
         out = Dense(width, use_bias=c.use_bias, kernel_init=residual_init, dtype=dtype,
@@ -502,6 +514,32 @@ def sample_next_token(
 # --------------------------------------------------------------------------- #
 # Generation.
 # --------------------------------------------------------------------------- #
+
+
+def gpt_attention_weights(
+    model: GPT, variables: Any, tokens: Int[Array, "batch time"]
+) -> tuple[Float[Array, "batch time vocab"], Float[Array, "layers batch heads time time"]]:
+    """The GPT's logits and every layer's attention weights on ``tokens``.
+
+    The forward pass uses fused attention (``jax.nn.dot_product_attention``),
+    which never materializes the weights; asked for them, each attention
+    layer also computes ``softmax(q k^T / sqrt(head_dim))`` under the causal
+    mask from the same ``q`` and ``k`` and sows it into the
+    ``"intermediates"`` collection (``variables["intermediates"]
+    ["block_{l}"]["attention"]["attention_weights"]``, what
+    ``model.apply(variables, tokens, mutable=["intermediates"])`` returns).
+    The logits are unchanged.
+
+    Returns:
+      ``(logits [B, T, V], weights [L, B, H, T, T])``; each row of weights
+      sums to 1 and is zero above the diagonal.
+    """
+    params = {k: v for k, v in variables.items() if k != "intermediates"}
+    logits, state = model.apply(params, tokens, mutable=["intermediates"])
+    blocks = state["intermediates"]
+    weights = jnp.stack([blocks[f"block_{layer}"]["attention"]["attention_weights"][0]
+                         for layer in range(model.config.num_layers)])
+    return logits, weights
 
 
 def generate(

@@ -24,6 +24,7 @@ from nnlib.models.gpt import (
     GPTConfig,
     KVCache,
     generate,
+    gpt_attention_weights,
     sample_next_token,
     top_k_filter,
     top_p_filter,
@@ -105,9 +106,11 @@ def _gelu_tanh(x, xp):
     return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
-def reference_logits(params, tokens, cfg, xp=np, embed_in=None, embed_out=None):
+def reference_logits(params, tokens, cfg, xp=np, embed_in=None, embed_out=None,
+                     weights_out=None):
     """logits [B, T, V]; embed_in / embed_out override the two uses of the
-    token embedding (both default to params["token_embedding"])."""
+    token embedding (both default to params["token_embedding"]); each layer's
+    attention weights [B, H, T, T] are appended to the list weights_out."""
     table = params["token_embedding"]
     embed_in = table if embed_in is None else embed_in
     embed_out = table if embed_out is None else embed_out
@@ -124,6 +127,8 @@ def reference_logits(params, tokens, cfg, xp=np, embed_in=None, embed_out=None):
         scores = xp.where(allowed, scores, -np.inf)
         weights = xp.exp(scores - scores.max(-1, keepdims=True))
         weights = weights / weights.sum(-1, keepdims=True)
+        if weights_out is not None:
+            weights_out.append(weights)
         attended = xp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, time, -1)
         x = x + attended @ p["attention"]["out"]["kernel"] + p["attention"]["out"]["bias"]
         h = _layer_norm(x, p["mlp_norm"], xp)
@@ -143,6 +148,29 @@ def test_forward_matches_numpy_reference(perturbed):
     assert logits.shape == (3, 12, CFG.vocab_size) and logits.dtype == jnp.float32
     expected = reference_logits(_numpy64(perturbed["params"]), np.asarray(tokens), CFG)
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_weights_match_numpy_reference(perturbed):
+    """gpt_attention_weights: every layer's softmax(q k^T / sqrt(d)) under the
+    causal mask, equal to the reference; the logits are the plain forward's."""
+    tokens = _tokens((2, 10), seed=4)
+    logits, weights = jax.jit(functools.partial(gpt_attention_weights, GPT(CFG)))(
+        perturbed, tokens)
+    expected = []
+    expected_logits = reference_logits(_numpy64(perturbed["params"]), np.asarray(tokens), CFG,
+                                       weights_out=expected)
+    assert weights.shape == (CFG.num_layers, 2, CFG.num_heads, 10, 10)
+    np.testing.assert_allclose(weights, np.stack(expected), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+    assert np.all(np.asarray(weights)[..., np.triu_indices(10, 1)[0], np.triu_indices(10, 1)[1]]
+                  == 0)
+    # Not asked for, nothing is sown and no weights are computed.
+    _, state = GPT(CFG).apply(perturbed, tokens, mutable=["intermediates"])
+    assert "attention_weights" in state["intermediates"]["block_0"]["attention"]
+    plain = jax.make_jaxpr(lambda v, t: GPT(CFG).apply(v, t))(perturbed, tokens)
+    sown = jax.make_jaxpr(lambda v, t: gpt_attention_weights(GPT(CFG), v, t))(perturbed, tokens)
+    assert str(plain).count("exp") < str(sown).count("exp")
 
 
 def test_untied_head_matches_reference_and_cache_path():
