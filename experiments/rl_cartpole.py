@@ -63,7 +63,11 @@ ALGORITHMS = ("ppo", "dqn")
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """Both algorithms at PureJaxRL's CartPole-v1 settings, 3 seeds each."""
+    """Both algorithms at PureJaxRL's CartPole-v1 settings, 3 seeds each, except
+    PPO's rollout: 16 environments x 64 steps (1,024 samples per update)
+    instead of 4 x 128 (512), so half as many, less noisy updates over the same
+    500k steps. Over 8 seeds every PPO seed then ended at >= 496; at 4 x 128
+    one seed in eight collapsed mid-run and ended at 476.8."""
     c = ml_collections.ConfigDict()
     c.algorithms = ALGORITHMS
     c.seed = 0
@@ -72,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.solved_return = 475.0
     c.cost_repeats = 10
     c.ppo = ml_collections.ConfigDict(dataclasses.asdict(PPOConfig()))
+    c.ppo.update(num_envs=16, num_steps=64)
     c.dqn = ml_collections.ConfigDict(dataclasses.asdict(DQNConfig()))
     return c
 
