@@ -17,6 +17,7 @@ from nnlib.layers.attention import (
 )
 from nnlib.layers.conv import Conv1D, Conv2D, ConvBlock1D, ConvBlock2D
 from nnlib.layers.dense import MLP, Dense
+from nnlib.layers.initializers import orthogonal
 from nnlib.layers.normalization import BatchNorm, Dropout, LayerNorm, dropout
 from nnlib.layers.pooling import (
     AvgPool1D,
@@ -88,6 +89,7 @@ __all__ = [
     "dropout",
     "get_activation",
     "max_pool",
+    "orthogonal",
     "padding_mask",
     "sinusoidal_positions",
 ]

@@ -58,6 +58,7 @@ from nnlib.layers._checks import ShapeError, check_input, check_mask, param_shap
 from nnlib.layers._recurrence import recurrence
 from nnlib.layers.activations import get_activation
 from nnlib.layers.dense import Dense
+from nnlib.layers.initializers import orthogonal
 
 Carry = Any  # one array [*batch, H], or a tuple of them (LSTM: (c, h))
 Initializer = Callable[..., Array]
@@ -88,7 +89,8 @@ class RecurrentCell(nn.Module):
       hidden_size: H, the size of the hidden state and of each output.
       kernel_init: initializer of the input kernel (flax's LeCun normal).
       recurrent_kernel_init: initializer of the recurrent kernel (orthogonal,
-        as Keras and flax; keeps the repeated ``h @ W`` from exploding early).
+        as Keras and flax; keeps the repeated ``h @ W`` from exploding early;
+        ``nnlib.layers.initializers.orthogonal``, safe under ``jax.vmap`` on CPU).
       bias_init: initializer of the biases (zeros).
       dtype: computation dtype (``None``: from inputs and params).
       param_dtype: dtype of the parameters.
@@ -101,7 +103,7 @@ class RecurrentCell(nn.Module):
     hidden_size: int
     _: dataclasses.KW_ONLY
     kernel_init: Initializer = nn.initializers.lecun_normal()
-    recurrent_kernel_init: Initializer = nn.initializers.orthogonal()
+    recurrent_kernel_init: Initializer = orthogonal()
     bias_init: Initializer = nn.initializers.zeros_init()
     dtype: Any = None
     param_dtype: Any = jnp.float32

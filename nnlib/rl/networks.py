@@ -25,6 +25,7 @@ from jaxtyping import Array, Float
 
 from nnlib.layers import MLP, Dense
 from nnlib.layers.activations import get_activation
+from nnlib.layers.initializers import orthogonal
 
 
 class ActorCritic(nn.Module):
@@ -49,15 +50,15 @@ class ActorCritic(nn.Module):
     ) -> tuple[Float[Array, "... num_actions"], Float[Array, " ..."]]:
         del train  # no dropout or normalization: the same in acting and learning
         act = get_activation(self.activation)
-        hidden = nn.initializers.orthogonal(np.sqrt(2.0))
+        hidden = orthogonal(np.sqrt(2.0))
         x = obs.astype(jnp.float32)
         actor = critic = x
         for i, width in enumerate(self.hidden_sizes):
             actor = act(Dense(width, kernel_init=hidden, name=f"actor_{i}")(actor))
             critic = act(Dense(width, kernel_init=hidden, name=f"critic_{i}")(critic))
-        logits = Dense(self.num_actions, kernel_init=nn.initializers.orthogonal(0.01),
+        logits = Dense(self.num_actions, kernel_init=orthogonal(0.01),
                        name="policy_head")(actor)  # [..., num_actions]
-        value = Dense(1, kernel_init=nn.initializers.orthogonal(1.0),
+        value = Dense(1, kernel_init=orthogonal(1.0),
                       name="value_head")(critic)  # [..., 1]
         return logits, value[..., 0]
 

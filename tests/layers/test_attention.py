@@ -307,7 +307,7 @@ def _torch_mha(torch, params, embed, heads, kdim=None):
         m.in_proj_bias.copy_(torch.from_numpy(np.concatenate(
             [np.asarray(params[n]["bias"]) for n in ("query", "key", "value")])))
         m.out_proj.weight.copy_(t(params["out"]["kernel"]))
-        m.out_proj.bias.copy_(torch.from_numpy(np.asarray(params["out"]["bias"])))
+        m.out_proj.bias.copy_(torch.from_numpy(np.array(params["out"]["bias"])))
     return m
 
 

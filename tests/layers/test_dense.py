@@ -56,7 +56,7 @@ def test_dense_matches_torch():
     lin = torch.nn.Linear(7, 3)
     with torch.no_grad():
         lin.weight.copy_(torch.from_numpy(np.asarray(params["kernel"]).T.copy()))
-        lin.bias.copy_(torch.from_numpy(np.asarray(params["bias"])))
+        lin.bias.copy_(torch.from_numpy(np.array(params["bias"])))
         ref = lin(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(Dense(3).apply({"params": params}, x), ref, rtol=1e-5, atol=1e-6)
 

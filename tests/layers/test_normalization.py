@@ -47,8 +47,8 @@ def test_layer_norm_matches_torch():
     params = jax.tree.map(lambda p: p * 0.7 + 0.1, LayerNorm().init(KEY, x))
     ref = torch.nn.LayerNorm(6, eps=1e-5)
     with torch.no_grad():
-        ref.weight.copy_(torch.from_numpy(np.asarray(params["params"]["scale"])))
-        ref.bias.copy_(torch.from_numpy(np.asarray(params["params"]["bias"])))
+        ref.weight.copy_(torch.from_numpy(np.array(params["params"]["scale"])))
+        ref.bias.copy_(torch.from_numpy(np.array(params["params"]["bias"])))
         want = ref(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(LayerNorm().apply(params, x), want, rtol=1e-5, atol=1e-5)
 
