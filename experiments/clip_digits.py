@@ -80,6 +80,7 @@ from nnlib.multimodal import (  # noqa: E402
 )
 from nnlib.multimodal.data import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, class_prompts  # noqa: E402
 from nnlib.train import TrainState, fit, make_optimizer, make_schedule, make_train_step  # noqa: E402
+from nnlib.train import jit as train_jit  # noqa: E402
 from nnlib.train import num_params as count_params  # noqa: E402
 
 CAPTION_SETS = {"seen": TRAIN_TEMPLATES, "unseen": HELD_OUT_TEMPLATES}
@@ -211,8 +212,8 @@ def train(config: ml_collections.ConfigDict, data: DigitCaptions
     val_batch = {"inputs": {"images": val["images"], "tokens": val_tokens},
                  "labels": val["labels"]}
     state, summary = fit(state, batches, num_steps=config.num_steps,
-                         train_step=jax.jit(make_clip_train_step(model.max_log_scale),
-                                            donate_argnums=0),
+                         train_step=train_jit(make_clip_train_step(model.max_log_scale),
+                                              donate_argnums=0),
                          eval_step=make_eval_step(model, data), eval_data=[val_batch],
                          eval_every=config.eval_every, log_every=min(50, config.num_steps),
                          best_metric=None, workdir=None, plot=False, tensorboard=False,

@@ -76,6 +76,7 @@ from nnlib.audio import (  # noqa: E402
 from nnlib.compress import cost_report, flops, format_cost  # noqa: E402
 from nnlib.models import CNN, RNNClassifier  # noqa: E402
 from nnlib.train import TrainState, fit, make_train_step, num_params  # noqa: E402
+from nnlib.train import jit as train_jit  # noqa: E402
 
 MODELS = ("cnn", "lstm")
 Config = ml_collections.ConfigDict  # see get_config
@@ -252,7 +253,7 @@ def train_classifier(
     state = _create_state(model, config, train["inputs"][:1])
     start = time.perf_counter()
     state, summary = fit(state, train, batch_size=config.batch_size, num_steps=config.num_steps,
-                         train_step=jax.jit(make_train_step(), donate_argnums=0),
+                         train_step=train_jit(make_train_step(), donate_argnums=0),
                          seed=config.seed, log_every=min(50, config.num_steps), workdir=None,
                          plot=False, tensorboard=False, show_progress=False)
     info = {k: float(summary[k]) for k in ("train_loss", "train_accuracy") if k in summary}

@@ -66,6 +66,7 @@ from nnlib.data import Dataset, load_digits  # noqa: E402
 from nnlib.models import CNN  # noqa: E402
 from nnlib.robust import fgsm, make_adversarial_train_step, pgd  # noqa: E402
 from nnlib.train import TrainState, fit, make_train_step, num_params  # noqa: E402
+from nnlib.train import jit as train_jit  # noqa: E402
 
 # Slack for float32 rounding in the ball and range checks.
 _TOLERANCE = 1e-5
@@ -157,7 +158,7 @@ def train_digits_cnn(
         **adversarial)
     # Not donated: the caller may train another variant from the same state.
     state, summary = fit(state, data.train, batch_size=batch_size, num_steps=num_steps,
-                         train_step=jax.jit(step), seed=seed, log_every=min(50, num_steps),
+                         train_step=train_jit(step), seed=seed, log_every=min(50, num_steps),
                          workdir=None, plot=False, tensorboard=False, show_progress=False)
     info = {k: float(v) for k, v in summary.items()
             if k.startswith("train_") and np.isscalar(v)}

@@ -43,6 +43,7 @@ from nnlib.train import (  # noqa: E402
     make_train_step,
     num_params,
 )
+from nnlib.train import jit as train_jit  # noqa: E402
 from nnlib.train.loop import fit  # noqa: E402
 
 
@@ -190,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         def eval_data():
             return _batches(task, task.val, eval_batch_size, seed=config.seed)
 
-    eval_step = jax.jit(make_eval_step(task.loss_fn))
+    eval_step = train_jit(make_eval_step(task.loss_fn))
     state, summary = fit(
         state, train_data, batch_size=batch_size, loss_fn=task.loss_fn,
         eval_step=eval_step, eval_data=eval_data, eval_batch_size=eval_batch_size,

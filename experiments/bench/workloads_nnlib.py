@@ -1,7 +1,8 @@
 """The benchmark workloads in nnlib: models from ``nnlib.models``, the library's
-own train step, jitted as a user would.
+own train step, jitted as ``nnlib.train.fit`` jits it.
 
-Training workloads are ``jax.jit(make_train_step(), donate_argnums=0)`` on a
+Training workloads are ``nnlib.train.jit(make_train_step(), donate_argnums=0)``
+(``jax.jit`` with the XLA options nnlib picks for the program) on a
 ``TrainState`` with ``make_optimizer("adamw", ...)`` — exactly the step
 ``nnlib.train.fit`` runs, including what it does besides the update (accuracy,
 the global gradient norm, the non-finite guard that keeps the old state on
@@ -33,6 +34,7 @@ from experiments.bench.runner import OPTIMIZER, SPECS, Runner, timed_call
 from nnlib.models import CNN, GPT, GPTConfig, MLPClassifier, RNNClassifier, generate
 from nnlib.models.bert import Bert, BertConfig
 from nnlib.train import TrainState, make_optimizer, make_train_step, num_params
+from nnlib.train import jit as train_jit
 
 
 def xla_flops(jitted: Callable[..., Any], *args: Any) -> float | None:
@@ -63,7 +65,7 @@ def _train_runner(
     batch = {"inputs": jnp.asarray(data["inputs"]), "labels": jnp.asarray(data["labels"])}
     state = TrainState.create(model=model, tx=optimizer(), key=jax.random.key(0),
                               example_input=batch["inputs"][:1])
-    train_step = jax.jit(make_train_step(), donate_argnums=0)
+    train_step = train_jit(make_train_step(), donate_argnums=0)
     holder = {"state": state}
 
     def step() -> None:

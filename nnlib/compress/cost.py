@@ -55,6 +55,8 @@ import jax
 import numpy as np
 from jaxtyping import PyTree
 
+from nnlib.train.compile import compiler_options
+
 # Board power by jax platform, in watts; see the module docstring.
 DEFAULT_DEVICE_POWER_W: dict[str, float] = {"cpu": 65.0, "gpu": 400.0, "tpu": 200.0}
 DEFAULT_UTILIZATION = 1.0
@@ -74,13 +76,15 @@ def tree_size(tree: PyTree) -> int:
 
 
 def compile_fn(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``jax.jit(fn).lower(*args, **kwargs).compile()``: the compiled executable.
+    """``jax.jit(fn).lower(*args, **kwargs).compile()``: the compiled executable,
+    with the XLA options ``nnlib.train.jit`` would pick for it.
 
     ``fn`` may already be jitted (even with ``donate_argnums``): jitting it
     again inlines it, and the outer program donates nothing, so the compiled
     function can be called repeatedly on the same arguments.
     """
-    return jax.jit(fn).lower(*args, **kwargs).compile()
+    traced = jax.jit(fn).trace(*args, **kwargs)
+    return traced.lower().compile(compiler_options=compiler_options(traced.jaxpr))
 
 
 def _as_dict(analysis: Any) -> dict[str, float]:

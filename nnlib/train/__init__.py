@@ -3,6 +3,7 @@ the loop that drives them (progress, logging, checkpoints, exact resume)."""
 
 from nnlib.train import parallel
 from nnlib.train.checkpoint import Checkpointer
+from nnlib.train.compile import compiler_options, jit
 from nnlib.train.logging import MetricLogger, plot_history, progress, read_history
 from nnlib.train.loop import NonFiniteError, fit
 from nnlib.train.optim import (
@@ -41,10 +42,12 @@ __all__ = [
     "TrainState",
     "average_metrics",
     "classification_loss",
+    "compiler_options",
     "create_ensemble",
     "dp_sgd_gradients",
     "ensemble_predict",
     "fit",
+    "jit",
     "make_dp_sgd_train_step",
     "make_ensemble_train_step",
     "make_eval_step",

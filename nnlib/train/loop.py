@@ -1,7 +1,8 @@
 """``fit``: the training loop — steps, evaluation, logging, checkpoints, resume.
 
 One call drives a pure ``(state, batch) -> (state, metrics)`` step (by default
-``jax.jit(make_train_step(loss_fn), donate_argnums=0)``) over the data:
+``nnlib.train.jit(make_train_step(loss_fn), donate_argnums=0)``: ``jax.jit`` with
+the XLA options nnlib picks for the program) over the data:
 
 * **Data** is either a dict of arrays plus ``batch_size`` (batched by
   ``nnlib.data.batch_iterator``: shuffled by ``(seed, epoch)``, last batch
@@ -53,6 +54,7 @@ import numpy as np
 
 from nnlib.data.batching import batch_iterator, num_batches
 from nnlib.train.checkpoint import Checkpointer
+from nnlib.train.compile import jit
 from nnlib.train.logging import (
     MetricLogger,
     format_metrics,
@@ -293,9 +295,9 @@ def fit(
     evaluate_batches = None if eval_data is None else _eval_batches(
         eval_data, eval_batch_size or batch_size)
     if train_step is None:
-        train_step = jax.jit(make_train_step(loss_fn), donate_argnums=0)
+        train_step = jit(make_train_step(loss_fn), donate_argnums=0)
     if eval_step is None and eval_data is not None:
-        eval_step = jax.jit(make_eval_step(loss_fn))
+        eval_step = jit(make_eval_step(loss_fn))
     if eval_data is None:
         best_metric = None
     best = _Tracker("best_metric", best_metric, best_mode)

@@ -1,0 +1,114 @@
+"""nnlib.train.jit / compiler_options: per-program XLA options, same results as jax.jit."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from nnlib.compress import compile_fn
+from nnlib.models import CNN, MLPClassifier
+from nnlib.train import TrainState, compiler_options, jit, make_optimizer, make_train_step
+from nnlib.train.compile import CPU_CONV_OPTIONS, _backend_accepts, has_convolution
+
+
+def conv(x, w):
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+X = jnp.ones((2, 6, 6, 3))
+W = jnp.ones((3, 3, 3, 4))
+
+
+def jaxpr_of(f, *args):
+    return jax.jit(f).trace(*args).jaxpr
+
+
+def test_has_convolution_finds_convolutions_at_any_depth():
+    assert has_convolution(jaxpr_of(conv, X, W))
+    in_scan = lambda x, w: lax.scan(lambda c, _: (jnp.tanh(conv(c, w[..., :3])), None), x, None,
+                                    length=2)[0]
+    assert has_convolution(jaxpr_of(in_scan, X, W))
+    in_grad = jax.grad(lambda x, w: conv(x, w).sum(), argnums=1)
+    assert has_convolution(jaxpr_of(in_grad, X, W))
+    in_checkpoint = jax.checkpoint(lambda x, w: conv(x, w).sum())
+    assert has_convolution(jaxpr_of(in_checkpoint, X, W))
+    assert not has_convolution(jaxpr_of(lambda a, b: jnp.tanh(a @ b), jnp.ones((3, 4)),
+                                        jnp.ones((4, 2))))
+
+
+def test_compiler_options_only_for_cpu_convolutions(monkeypatch):
+    with_conv, without = jaxpr_of(conv, X, W), jaxpr_of(lambda a: a * 2, X)
+    assert compiler_options(with_conv) == CPU_CONV_OPTIONS
+    assert compiler_options(without) is None
+    assert compiler_options(with_conv, backend="gpu") is None
+    monkeypatch.setenv("NNLIB_XLA_OPTIONS", "0")
+    assert compiler_options(with_conv) is None
+
+
+def test_unknown_options_are_not_used():
+    assert _backend_accepts(tuple(CPU_CONV_OPTIONS.items()))
+    assert not _backend_accepts((("xla_cpu_experimental_ynn_fusion_type", "NOT_A_TYPE"),))
+
+
+def test_convolutions_leave_ynnpack_and_dots_keep_it():
+    """What the option does to the compiled program: the convolution is no longer a
+    YNNPACK fusion (the slow path here); matmul programs are compiled as before.
+    (YNNPACK takes convolutions from 32 channels up, hence the sizes.)"""
+    x, w = jnp.ones((4, 8, 8, 32)), jnp.ones((3, 3, 32, 32))
+    step = jit(jax.grad(lambda x, w: (conv(x, w) ** 2).sum(), argnums=(0, 1)))
+    hlo = step.lower(x, w).compile().as_text()
+    assert step.options == CPU_CONV_OPTIONS
+    assert "convolution(" in hlo and "__ynn_fusion" not in hlo
+    default_hlo = jax.jit(step.fun).lower(x, w).compile().as_text()
+    if "__ynn_fusion" not in default_hlo:
+        pytest.skip("this jaxlib does not send convolutions to YNNPACK by default")
+    matmul = jit(lambda a, b: jnp.tanh(a @ b))
+    args = jnp.ones((64, 128)), jnp.ones((128, 64))
+    assert matmul.lower(*args).compile().as_text() == jax.jit(matmul.fun).lower(
+        *args).compile().as_text()
+    assert matmul.options is None
+
+
+@pytest.mark.parametrize("model,shape", [
+    (CNN(features=(4, 8), kernel_size=3, hidden_sizes=(16,), num_classes=3), (8, 8, 8, 1)),
+    (MLPClassifier(hidden_sizes=(16,), num_classes=3), (8, 12)),
+])
+def test_jit_trains_like_jax_jit_and_compiles_once(model, shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    batch = {"inputs": x, "labels": jnp.arange(shape[0]) % 3}
+    states = [TrainState.create(model=model, tx=make_optimizer("adamw", 1e-2),
+                                key=jax.random.key(1), example_input=x[:1]) for _ in range(2)]
+    traces = []
+
+    def counted_step(state, batch):
+        traces.append(1)
+        return make_train_step()(state, batch)
+
+    ours = jit(counted_step, donate_argnums=0)
+    reference = jax.jit(make_train_step())
+    for _ in range(3):
+        states[0], m0 = ours(states[0], batch)
+        states[1], m1 = reference(states[1], batch)
+        np.testing.assert_allclose(m0["loss"], m1["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(states[0].params), jax.tree.leaves(states[1].params),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert len(traces) == 1  # choosing the options reuses jax's trace; no retrace later
+    assert ours.options == (CPU_CONV_OPTIONS if isinstance(model, CNN) else None)
+    assert "train_step" in repr(ours) or "counted_step" in repr(ours)
+
+
+def test_explicit_compiler_options_are_plain_jax_jit():
+    f = jit(lambda a: a + 1, compiler_options={})
+    assert not hasattr(f, "options") and float(f(jnp.ones(()))) == 2.0
+
+
+def test_cost_report_compiles_with_the_same_choice():
+    step = jax.grad(lambda x, w: (conv(x, w) ** 2).sum(), argnums=1)
+    x, w = jnp.ones((4, 8, 8, 32)), jnp.ones((3, 3, 32, 32))
+    assert "convolution(" in compile_fn(step, x, w).as_text()
+    assert "__ynn_fusion" not in compile_fn(step, x, w).as_text()
