@@ -362,7 +362,9 @@ class RNN(nn.Module):
       reverse: process each sequence from its last valid step back to its
         first; outputs are still returned aligned with the input positions.
       unroll: time steps per scan iteration (``jax.lax.scan``'s ``unroll``);
-        larger trades compile time for less loop overhead.
+        larger trades compile time for less loop overhead. The default 4 made
+        the LSTM and GRU train steps of the CPU benchmark 1.14-1.18x faster
+        than 1, for ~0.3 s more compile time; 8 and 16 were slower again.
       fused: run the built-in cells' recurrence with a hand-written backward
         pass (``nnlib.layers._recurrence``) that computes the recurrent
         weight's gradient as one matmul over all steps after the loop instead
@@ -378,7 +380,7 @@ class RNN(nn.Module):
 
     cell: RecurrentCell
     reverse: bool = False
-    unroll: int = 1
+    unroll: int = 4
     fused: bool = True
 
     @nn.compact
@@ -492,7 +494,7 @@ class Bidirectional(nn.Module):
     forward_cell: RecurrentCell
     backward_cell: RecurrentCell
     merge: str = "concat"
-    unroll: int = 1
+    unroll: int = 4
 
     @nn.compact
     def __call__(
