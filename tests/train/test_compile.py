@@ -112,3 +112,12 @@ def test_cost_report_compiles_with_the_same_choice():
     x, w = jnp.ones((4, 8, 8, 32)), jnp.ones((3, 3, 32, 32))
     assert "convolution(" in compile_fn(step, x, w).as_text()
     assert "__ynn_fusion" not in compile_fn(step, x, w).as_text()
+
+
+def test_jit_composes_with_jit_vmap_and_grad():
+    f = jit(lambda x: jnp.sin(x) * 2)
+    x = jnp.linspace(0.0, 1.0, 6).reshape(2, 3)
+    np.testing.assert_allclose(jax.jit(lambda x: jit(lambda y: jnp.sin(y) * 2)(x) + 1)(x),
+                               jnp.sin(x) * 2 + 1, rtol=1e-6)
+    np.testing.assert_allclose(jax.vmap(f)(x), jnp.sin(x) * 2, rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda x: jit(lambda y: (y ** 2).sum())(x))(x), 2 * x)
