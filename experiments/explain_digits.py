@@ -35,7 +35,6 @@ the table. ``run(config, workdir)`` and the pieces it calls are importable.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -52,6 +51,7 @@ from jax.tree_util import Partial
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiments._cli import sized_main  # noqa: E402
 from experiments.robustness import train_digits_cnn, training_cost  # noqa: E402
 from nnlib.compress import format_cost  # noqa: E402
 from nnlib.data import Dataset, load_digits  # noqa: E402
@@ -463,22 +463,10 @@ def run(config: ExplainConfig, workdir: str | Path | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="where results go")
-    parser.add_argument("--size", choices=("full", "tiny"), default="full")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; a notebook keeps its inline backend
-    config = ExplainConfig() if args.size == "full" else ExplainConfig.tiny()
-    config = dataclasses.replace(config, seed=args.seed)
-    start = time.perf_counter()
-    metrics, _ = run(config, args.workdir)
-    print(f"wrote {args.workdir}/metrics.json, results.md, attributions.png, "
-          f"faithfulness.png, sanity_check.png in {time.perf_counter() - start:.0f} s",
-          flush=True)
-    return metrics
+    return sized_main(
+        argv, description=__doc__.splitlines()[0],
+        get_config=lambda size: ExplainConfig() if size == "full" else ExplainConfig.tiny(),
+        run=run, outputs="attributions.png, faithfulness.png, sanity_check.png")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ attribution) into the workdir and prints the table.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -61,6 +60,7 @@ from jax.tree_util import Partial
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiments._cli import sized_main  # noqa: E402
 from nnlib.compress import cost_report, flops, format_cost  # noqa: E402
 from nnlib.explain import completeness_gap, integrated_gradients, saliency  # noqa: E402
 from nnlib.explain.sanity import spearman_rank_correlation  # noqa: E402
@@ -407,18 +407,10 @@ def run(config: TextConfig, workdir: str | Path | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="where results go")
-    parser.add_argument("--size", choices=("full", "tiny"), default="full")
-    args = parser.parse_args(argv)
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; a notebook keeps its inline backend
-    config = TextConfig() if args.size == "full" else TextConfig.tiny()
-    metrics, _ = run(config, args.workdir)
-    print(f"wrote {args.workdir}/metrics.json, results.md, text_attributions.png in "
-          f"{metrics['time_s']:.0f} s", flush=True)
-    return metrics
+    return sized_main(
+        argv, description=__doc__.splitlines()[0],
+        get_config=lambda size: TextConfig() if size == "full" else TextConfig.tiny(),
+        run=run, outputs="text_attributions.png", seed=False)
 
 
 if __name__ == "__main__":

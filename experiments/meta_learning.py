@@ -67,7 +67,6 @@ and the smoke test use them at tiny size).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -84,6 +83,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiments._cli import sized_main  # noqa: E402
 from nnlib import losses  # noqa: E402
 from nnlib.compress import cost_report, flops, format_cost  # noqa: E402
 from nnlib.layers import MLP  # noqa: E402
@@ -782,20 +782,8 @@ def run(config: MetaLearningConfig, workdir: str | Path | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="where results go")
-    parser.add_argument("--size", choices=("full", "tiny"), default="full")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; a notebook keeps its inline backend
-    config = dataclasses.replace(get_config(args.size), seed=args.seed)
-    start = time.perf_counter()
-    metrics, _ = run(config, args.workdir)
-    print(f"wrote {args.workdir}/metrics.json, results.md, meta_learning.png "
-          f"in {time.perf_counter() - start:.0f} s", flush=True)
-    return metrics
+    return sized_main(argv, description=__doc__.splitlines()[0], get_config=get_config,
+                      run=run, outputs="meta_learning.png")
 
 
 if __name__ == "__main__":

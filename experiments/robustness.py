@@ -42,7 +42,6 @@ and the smoke test use them at tiny size).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -60,6 +59,7 @@ from jax.tree_util import Partial
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiments._cli import sized_main  # noqa: E402
 from nnlib import losses  # noqa: E402
 from nnlib.compress import cost_report, flops, format_cost  # noqa: E402
 from nnlib.data import Dataset, load_digits  # noqa: E402
@@ -529,21 +529,10 @@ def run(config: RobustnessConfig, workdir: str | Path | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="where results go")
-    parser.add_argument("--size", choices=("full", "tiny"), default="full")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; a notebook keeps its inline backend
-    config = RobustnessConfig() if args.size == "full" else RobustnessConfig.tiny()
-    config = dataclasses.replace(config, seed=args.seed)
-    start = time.perf_counter()
-    metrics, _ = run(config, args.workdir)
-    print(f"wrote {args.workdir}/metrics.json, results.md, robust_accuracy.png "
-          f"in {time.perf_counter() - start:.0f} s", flush=True)
-    return metrics
+    return sized_main(
+        argv, description=__doc__.splitlines()[0],
+        get_config=lambda size: RobustnessConfig() if size == "full" else RobustnessConfig.tiny(),
+        run=run, outputs="robust_accuracy.png")
 
 
 if __name__ == "__main__":
