@@ -118,7 +118,13 @@ def recurrence(
             reverse=not reverse, unroll=unroll,
         )
         h_previous = hidden_of(previous)  # [T, B, H]
-        ct_kernel = jnp.einsum("tbh,tbg->hg", h_previous, ct_recurrents)
+        # One [T*B, H]^T @ [T*B, G*H] product over a flattened axis (contracting
+        # T and B as two axes makes XLA:CPU copy ct_recurrents transposed first).
+        ct_kernel = jax.lax.dot_general(
+            h_previous.reshape(-1, h_previous.shape[-1]),
+            ct_recurrents.reshape(-1, ct_recurrents.shape[-1]),
+            (((0,), (0,)), ((), ())),
+        )  # [H, G*H]
         ct_bias = None if bias is None else ct_recurrents.sum(axis=(0, 1))
         ct_valid = None if valid is None else jnp.zeros(valid.shape, jax.dtypes.float0)
         return ct_kernel, ct_bias, ct_carry0, ct_projected, ct_valid

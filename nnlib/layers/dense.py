@@ -3,6 +3,16 @@
 A ``Dense`` layer is the neuron of the field vectorized: ``y = x @ W + b`` with
 ``W: [in_features, features]``. An ``MLP`` stacks them with a named
 activation between layers, optional normalization and dropout.
+
+``matmul_last_axis(x, kernel)`` is the product every ``Dense`` computes:
+``x @ kernel`` over the last axis, with the leading axes of ``x`` flattened
+into one first. The values are those of ``jnp.matmul``; the difference is the
+gradient. For ``x: [B, T, in]`` the weight gradient is ``sum_{b,t} x[b,t]^T
+g[b,t]``; written over two contracted axes, XLA:CPU copies the output gradient
+``g`` into a transposed layout before every such product, while over one
+flattened axis it is a single ``[B*T, in]^T @ [B*T, out]`` product that reads
+``g`` where it lies. On the benchmark GPT (4 layers, width 128, batch 12 x 64
+tokens) that copy was ~20 % of the train step: 13.2 -> 16.2 steps/s.
 """
 
 from __future__ import annotations
@@ -19,6 +29,33 @@ from nnlib.layers.activations import get_activation
 from nnlib.layers.normalization import BatchNorm, Dropout, LayerNorm
 
 Initializer = Callable[..., Array]
+
+
+def matmul_last_axis(
+    x: Float[Array, "... in_features"],
+    kernel: Float[Array, "in_features features"],
+    *,
+    preferred_element_type: Any = None,
+) -> Float[Array, "... features"]:
+    """``x @ kernel`` over the last axis of ``x``, as one 2-D product.
+
+    Args:
+      x: ``[..., in_features]``.
+      kernel: ``[in_features, features]``.
+      preferred_element_type: accumulation / result dtype (``None``: the
+        promoted input dtype), as in ``jnp.matmul``.
+
+    Returns:
+      ``[..., features]``, equal to ``jnp.matmul(x, kernel)``.
+
+    The leading axes are flattened (a free reshape) so that the product, and
+    its transpose for the kernel gradient, is a plain ``[N, in] @ [in, out]``
+    matrix product; see the module docstring for why that is faster.
+    """
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+    y = jnp.matmul(flat, kernel, preferred_element_type=preferred_element_type)
+    return y.reshape(*lead, kernel.shape[-1]) if x.ndim != 2 else y
 
 
 class Dense(nn.Module):
@@ -55,7 +92,7 @@ class Dense(nn.Module):
             "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
         )
         dtype = self.dtype or x.dtype
-        y = jnp.matmul(x.astype(dtype), kernel.astype(dtype))  # [..., features]
+        y = matmul_last_axis(x.astype(dtype), kernel.astype(dtype))  # [..., features]
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             y = y + bias.astype(dtype)

@@ -92,7 +92,7 @@ from jaxtyping import Array, Bool, Float, Int
 from nnlib.layers._checks import ShapeError, check_mask
 from nnlib.layers.activations import get_activation
 from nnlib.layers.attention import MultiHeadAttention
-from nnlib.layers.dense import Dense
+from nnlib.layers.dense import Dense, matmul_last_axis
 from nnlib.layers.normalization import Dropout, LayerNorm
 
 _INIT_STDDEV = 0.02  # BERT's initializer_range
@@ -246,8 +246,10 @@ def _check_ids(model: str, ids: Any, name: str, limit: int, limit_name: str) -> 
 
 def _prepare(
     model: str, config: BertConfig, input_ids: Any, token_type_ids: Any, attention_mask: Any
-) -> tuple[Array, Array, Array]:
-    """Validated ``(input_ids, token_type_ids, valid)``; ``valid: [B, T]`` bool."""
+) -> tuple[Array, Array, Array | None]:
+    """Validated ``(input_ids, token_type_ids, valid)``; ``valid: [B, T]`` bool,
+    or ``None`` when no ``attention_mask`` was given (every token is real, and
+    the attention then runs without a mask instead of with an all-true one)."""
     input_ids, token_type_ids, attention_mask = _unpack(
         model, input_ids, token_type_ids, attention_mask)
     _check_ids(model, input_ids, "input_ids", config.vocab_size, "vocab_size")
@@ -272,7 +274,7 @@ def _prepare(
         _check_ids(model, token_type_ids, "token_type_ids", config.type_vocab_size,
                    "type_vocab_size")
     if attention_mask is None:
-        return input_ids, token_type_ids, jnp.ones(shape, jnp.bool_)
+        return input_ids, token_type_ids, None
     check_mask(model, attention_mask, shape, layout="[batch, time]", name="attention_mask")
     dtype = np.dtype(attention_mask.dtype)
     if dtype != np.bool_ and not np.issubdtype(dtype, np.integer):
@@ -346,7 +348,7 @@ class _Layer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, valid: Array, *, train: bool, return_weights: bool
+        self, x: Array, valid: Array | None, *, train: bool, return_weights: bool
     ) -> tuple[Array, Array | None]:
         c = self.config
         result = MultiHeadAttention(
@@ -483,7 +485,7 @@ class BertForMaskedLM(nn.Module):
             get_activation(c.activation)(h))  # [B, T, H]
         table = bert.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
         bias = self.param("output_bias", nn.initializers.zeros, (c.vocab_size,), jnp.float32)
-        return h @ table.T.astype(h.dtype) + bias.astype(h.dtype)  # [B, T, V]
+        return matmul_last_axis(h, table.T.astype(h.dtype)) + bias.astype(h.dtype)  # [B, T, V]
 
 
 class BertForSequenceClassification(nn.Module):

@@ -71,7 +71,7 @@ from nnlib.layers.attention import (
     dot_product_attention,
     dot_product_attention_weights,
 )
-from nnlib.layers.dense import Dense
+from nnlib.layers.dense import Dense, matmul_last_axis
 from nnlib.layers.normalization import Dropout, LayerNorm
 
 _INIT_STDDEV = 0.02  # GPT-2's initializer range
@@ -432,9 +432,8 @@ class GPT(nn.Module):
         # bf16 logits would round away the small differences sampling reads.
         logits_dtype = np.promote_types(dtype, np.float32)
         if c.tie_embeddings:
-            logits = jnp.einsum(
-                "btd,vd->btv", x, token_table.astype(dtype),
-                preferred_element_type=logits_dtype,
+            logits = matmul_last_axis(
+                x, token_table.astype(dtype).T, preferred_element_type=logits_dtype
             )  # [B, T, V]
         else:
             logits = Dense(c.vocab_size, use_bias=False, kernel_init=_normal(_INIT_STDDEV),

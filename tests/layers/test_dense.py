@@ -1,5 +1,7 @@
 """Dense and MLP against numpy formulas and PyTorch."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from nnlib.layers import MLP, Dense, ShapeError
+from nnlib.layers.dense import matmul_last_axis
 
 KEY = jax.random.key(0)
 
@@ -47,6 +50,46 @@ def test_dense_gradients():
         params = layer.init(KEY, x)
         f = lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)))
         check_grads(f, (params, x), order=2, modes=("rev",))
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 7), (2, 3, 7), (2, 1, 3, 7)])
+def test_matmul_last_axis_equals_matmul_with_gradients(shape):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.normal(size=shape))
+        k = jnp.asarray(rng.normal(size=(7, 4)))
+        np.testing.assert_allclose(matmul_last_axis(x, k), np.asarray(x) @ np.asarray(k),
+                                   rtol=1e-12)
+        check_grads(lambda x, k: jnp.sin(matmul_last_axis(x, k)), (x, k), order=2,
+                    modes=("rev",))
+
+
+def test_matmul_last_axis_preferred_element_type():
+    x = jnp.ones((2, 3, 4), jnp.bfloat16)
+    k = jnp.ones((4, 5), jnp.bfloat16)
+    assert matmul_last_axis(x, k).dtype == jnp.bfloat16
+    y = matmul_last_axis(x, k, preferred_element_type=jnp.float32)
+    assert y.dtype == jnp.float32 and y.shape == (2, 3, 5)
+    np.testing.assert_array_equal(y, 4.0)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU layout choice")
+def test_dense_kernel_gradient_on_sequences_copies_nothing():
+    # The reason matmul_last_axis exists: the kernel gradient of a Dense on
+    # [B, T, in] is one [B*T, in]^T @ [B*T, out] product that reads the output
+    # gradient in place. Contracting B and T as two axes made XLA:CPU copy
+    # the output gradient into a transposed layout first.
+    x = jnp.ones((4, 16, 8))
+    layer = Dense(32)
+    params = layer.init(KEY, x)
+    g = jnp.ones((4, 16, 32))
+    grad = jax.jit(lambda p, x, g: jax.vjp(lambda p: layer.apply(p, x), p)[1](g)[0])
+    hlo = grad.lower(params, x, g).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    # "%name = shape opcode(operands)": the instruction names and opcodes.
+    ops = re.findall(r"%(\S+) = \S+ ([\w-]+)\(", entry)
+    assert ops and not [op for op in ops
+                        if "copy" in op[0] or "transpose" in op[0] or op[1] in ("copy", "transpose")], entry
 
 
 def test_dense_matches_torch():
