@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 
+import nnlib.runtime  # noqa: E402
 from experiments.bench import peak, vmap_figures  # noqa: E402
 from experiments.bench import workloads_nnlib as nnlib_workloads  # noqa: E402
 from experiments.bench.runner import SPECS, interleaved_times, make_data  # noqa: E402
@@ -85,6 +86,9 @@ def machine() -> dict[str, Any]:
         "numpy": numpy.__version__,
         "torch": torch.__version__ if torch is not None else None,
         "torch_threads": torch.get_num_threads() if torch is not None else None,
+        # nnlib.runtime's malloc settings, applied on import to the whole
+        # process, so to both frameworks alike.
+        "host_allocator": dict(nnlib.runtime.ALLOCATOR),
     }
 
 
@@ -178,7 +182,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"nnlib vs PyTorch (eager), {meta['date']}, {meta['machine']['cpu']}, "
         f"{meta['machine']['cores']} cores, load average {meta['load_start']} -> "
-        f"{meta['load_end']}, PyTorch threads {meta['machine']['torch_threads']}"
+        f"{meta['load_end']}, PyTorch threads {meta['machine']['torch_threads']}, "
+        f"freed host memory kept (nnlib.runtime, both frameworks): "
+        f"{'yes' if meta['machine'].get('host_allocator', {}).get('applied') else 'no'}"
         f"{' (QUICK: not a measurement)' if meta['quick'] else ''}",
         "",
         f"float32 matmul peak ({peaks['start']['n']}^3): jax.numpy.dot "
