@@ -18,6 +18,16 @@ held, not used: the process keeps its peak heap instead of handing freed pages
 back to the OS between calls — what a training or serving loop, which
 allocates the same sizes every step, wants anyway.
 
+One case it does not cover: JAX runs CPU programs on a dispatch thread, and
+glibc's heaps for threads other than the main one cannot hold a block above
+64 MiB, so a program with more temporaries than that per call (the
+benchmark's GPT at batch 64, ~280 MB) still maps them per call. Either
+``jax.config.update("jax_cpu_enable_async_dispatch", False)`` before the
+first computation (programs then run on the calling thread; that step went
+3.4 -> 5.0 steps/s) or ``retain_freed_memory(single_arena=True)`` covers it;
+both are process-wide trade-offs (see their costs in the notes), so nnlib
+leaves the choice to the user.
+
 nnlib calls it once when it is first imported, on Linux with glibc; set
 ``NNLIB_RETAIN_MEMORY=0`` in the environment before importing nnlib to leave
 ``malloc`` as it is. ``ALLOCATOR`` records what was applied (the benchmark
