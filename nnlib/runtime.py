@@ -118,8 +118,14 @@ def retain_freed_memory(
     return applied
 
 
+def env_enabled(name: str) -> bool:
+    """Whether the environment leaves nnlib's setting ``name`` on: anything but
+    ``0``/``false``/``no``/``off`` (any case), unset included."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def _apply_on_import() -> None:
-    if os.environ.get("NNLIB_RETAIN_MEMORY", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not env_enabled("NNLIB_RETAIN_MEMORY"):
         ALLOCATOR.update(applied=False, reason="NNLIB_RETAIN_MEMORY=0")
         return
     retain_freed_memory()

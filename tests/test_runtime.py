@@ -90,3 +90,13 @@ def test_explicit_call_records_settings():
     finally:
         runtime.ALLOCATOR.clear()
         runtime.ALLOCATOR.update(saved)
+
+
+@pytest.mark.parametrize("value,on", [(None, True), ("1", True), ("yes", True), ("0", False),
+                                      ("false", False), (" OFF ", False), ("No", False)])
+def test_env_enabled(monkeypatch, value, on):
+    if value is None:
+        monkeypatch.delenv("NNLIB_SOME_SETTING", raising=False)
+    else:
+        monkeypatch.setenv("NNLIB_SOME_SETTING", value)
+    assert runtime.env_enabled("NNLIB_SOME_SETTING") is on

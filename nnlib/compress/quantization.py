@@ -158,13 +158,13 @@ class _CastableWithAux(_qwix_ptq.WithAux):
                         f"model's compute dtype must match the weights' ({self.dtype})")
 
 
-def _matmul_as_dot_general(provider: Any, a: Any, b: Any, *args: Any, **kwargs: Any) -> Any:
+def _matmul_as_dot_general(provider: Any, a: Any, b: Any, *args: Any,
+                           preferred_element_type: Any = None, **kwargs: Any) -> Any:
     # x[..., in] @ W[in, out]: the dot_general qwix knows how to quantize.
-    if kwargs.get("preferred_element_type", 0) is None:
-        kwargs.pop("preferred_element_type")
     if getattr(b, "ndim", 0) == 2 and not args and not kwargs:
-        return provider.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())))
-    return jnp.matmul(a, b, *args, **kwargs)
+        return provider.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())),
+                                    preferred_element_type=preferred_element_type)
+    return jnp.matmul(a, b, *args, preferred_element_type=preferred_element_type, **kwargs)
 
 
 class NnlibPtqProvider(qwix.PtqProvider):

@@ -52,13 +52,9 @@ def matmul_last_axis(
     its transpose for the kernel gradient, is a plain ``[N, in] @ [in, out]``
     matrix product; see the module docstring for why that is faster.
     """
-    lead = x.shape[:-1]
-    flat = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
-    if preferred_element_type is None:  # the plain call qwix's matmul interception expects
-        y = jnp.matmul(flat, kernel)
-    else:
-        y = jnp.matmul(flat, kernel, preferred_element_type=preferred_element_type)
-    return y.reshape(*lead, kernel.shape[-1]) if x.ndim != 2 else y
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel,
+                   preferred_element_type=preferred_element_type)
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 class Dense(nn.Module):

@@ -26,13 +26,14 @@ environment to keep XLA's defaults everywhere.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
+
+from nnlib.runtime import env_enabled
 
 #: Per-program options for CPU programs with convolutions: YNNPACK for dots only.
 CPU_CONV_OPTIONS: dict[str, str] = {
@@ -66,10 +67,6 @@ def _backend_accepts(options: tuple[tuple[str, str], ...]) -> bool:
     return True
 
 
-def _enabled() -> bool:
-    return os.environ.get("NNLIB_XLA_OPTIONS", "1").lower() not in {"0", "false", "no", "off"}
-
-
 def compiler_options(jaxpr: Any, backend: str | None = None) -> dict[str, str] | None:
     """The XLA options nnlib picks for a program, or ``None`` for XLA's defaults.
 
@@ -82,7 +79,7 @@ def compiler_options(jaxpr: Any, backend: str | None = None) -> dict[str, str] |
       this jaxlib accepts them (and ``NNLIB_XLA_OPTIONS`` is not ``0``),
       else ``None``.
     """
-    if not _enabled() or (backend or jax.default_backend()) != "cpu":
+    if not env_enabled("NNLIB_XLA_OPTIONS") or (backend or jax.default_backend()) != "cpu":
         return None
     if not has_convolution(jaxpr):
         return None
