@@ -37,7 +37,6 @@ writes it into its results).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 from typing import Any
@@ -59,9 +58,8 @@ ALLOCATOR: dict[str, Any] = {"applied": False, "reason": "not called"}
 def _libc() -> Any | None:
     if not sys.platform.startswith("linux"):
         return None
-    name = ctypes.util.find_library("c") or "libc.so.6"
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the C library this process already runs on
         libc.gnu_get_libc_version.restype = ctypes.c_char_p
         libc.gnu_get_libc_version()  # glibc only (musl has no such symbol)
         return libc
