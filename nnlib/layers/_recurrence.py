@@ -33,6 +33,20 @@ Carry = Any
 Update = Callable[[Carry, Array, Array], tuple[Carry, Array]]
 
 
+def varying_like(carry: Any, inputs: Array) -> Any:
+    """``carry`` (any pytree) typed as varying over ``inputs``' ``shard_map`` axes.
+
+    Inside ``jax.shard_map`` (e.g. ``make_data_parallel_train_step(method=
+    "shard_map")``) the per-device inputs vary across devices while a zero
+    initial carry does not, and ``lax.scan`` requires the carry it is given and
+    the carry the step returns to have the same type. Adding a zero made from
+    ``inputs`` (``zeros_like`` keeps their varying axes) casts the carry; outside
+    ``shard_map`` it is the identity and XLA folds the addition away.
+    """
+    zero = jnp.zeros_like(inputs, shape=())
+    return jax.tree.map(lambda c: c + zero.astype(c.dtype), carry)
+
+
 def _masked(update: Update) -> Callable[[Carry, Array, Array, Array | None], tuple[Carry, Array]]:
     """``update`` where padded steps (``valid`` False) keep the carry and output zeros."""
 
@@ -130,4 +144,9 @@ def recurrence(
         return ct_kernel, ct_bias, ct_carry0, ct_projected, ct_valid
 
     run.defvjp(run_fwd, run_bwd)
+    # Inside shard_map the weights are replicated and the inputs per-device; a
+    # custom VJP must return cotangents typed like its arguments, so the weights
+    # enter it already varying and autodiff sums their gradients across devices
+    # (the transpose of that cast) outside it.
+    kernel, bias, carry = varying_like((kernel, bias, carry), projected)
     return run(kernel, bias, carry, projected, valid)

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from nnlib.layers._checks import ShapeError, check_input, check_mask, param_shape
-from nnlib.layers._recurrence import recurrence
+from nnlib.layers._recurrence import recurrence, varying_like
 from nnlib.layers.activations import get_activation
 from nnlib.layers.dense import Dense
 from nnlib.layers.initializers import orthogonal
@@ -421,6 +421,7 @@ class RNN(nn.Module):
             expected = self.cell.initialize_carry((batch,), projected.dtype)
             _check_carry(name, initial_carry, expected, self.cell.carry_layout)
             carry = initial_carry
+        carry = varying_like(carry, projected)
 
         if self.fused and type(self.cell).step is RecurrentCell.step:
             kernel, bias = self.cell.recurrent_weights(carry)

@@ -614,6 +614,35 @@ def test_fused_per_example_gradients_under_vmap():
                           grad(params, xs[i], carry), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("given_carry", [False, True])
+def test_rnn_inside_shard_map(fused, given_carry):
+    """Data-parallel training runs the layer inside ``jax.shard_map``, where the
+    batch varies per device and the weights and a zero (or given) initial carry
+    do not. Values and weight gradients equal the layer outside it. The type
+    check is static, so a one-device mesh shows it."""
+    mesh = jax.make_mesh((1,), ("data",))
+    model = RNN(make_cell("lstm", 3), fused=fused)
+    params = rnn_params(random_params("lstm", 2, 3))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 2)), jnp.float32)
+    mask = jnp.array([[True, True, False, True], [False, True, True, True]])
+    carry = make_cell("lstm", 3).initialize_carry(2) if given_carry else None
+
+    def loss(params, x, mask):
+        final, out = model.apply(params, x, mask=mask, initial_carry=carry)
+        return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.cos(final[1]))
+
+    spec = jax.sharding.PartitionSpec
+    sharded = jax.shard_map(lambda p, x, m: jax.lax.psum(loss(p, x, m), "data"), mesh=mesh,
+                            in_specs=(spec(), spec("data"), spec("data")), out_specs=spec())
+    on_devices = jax.sharding.NamedSharding(mesh, spec("data"))
+    got = jax.jit(jax.value_and_grad(sharded))(
+        params, jax.device_put(x, on_devices), jax.device_put(mask, on_devices))
+    want = jax.value_and_grad(loss)(params, x, mask)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    assert_tree_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
 def test_cell_overriding_step_uses_the_plain_scan():
     """A user cell that defines ``step`` (not ``update_fn``) still runs, fused or not."""
 
