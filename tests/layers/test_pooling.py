@@ -231,13 +231,44 @@ def test_general_path_uses_reduce_window():
     assert "reduce_window" in str(jax.make_jaxpr(lambda x: max_pool(x, 2))(x))
 
 
-def test_max_gradient_with_ties_documented_difference():
-    """Tied maxima: the reshape path splits the gradient, reduce_window picks one."""
-    x = jnp.ones((1, 2, 2, 1))
-    fast = jax.grad(lambda x: max_pool(x, 2).sum())(x)
-    general = jax.grad(lambda x: reduce_window_pool(x, (2, 2), "max").sum())(x)
-    np.testing.assert_allclose(fast, jnp.full((1, 2, 2, 1), 0.25))
-    assert float(general.sum()) == 1.0 and float(general.max()) == 1.0
+@pytest.mark.parametrize("shape,window", [
+    ((2, 4, 6, 3), (2, 2)),   # the benchmark CNN's pooling
+    ((2, 6, 6, 1), (3, 2)),
+    ((1, 4, 4, 2), (4, 4)),   # 16 cells: the last size marked cell by cell
+    ((1, 10, 4, 2), (5, 4)),  # 20 cells: the position-minimum path
+    ((2, 12, 3), (3,)),       # 1-D
+])
+def test_max_gradient_with_ties_goes_to_the_first_maximum(shape, window):
+    """Integer inputs tie often: every path sends a window's gradient to its first
+    maximum in row-major order, as reduce_window (and PyTorch) do."""
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, shape).astype(np.float32))
+    fn = max_pool
+    assert "reduce_window" not in str(jax.make_jaxpr(lambda x: fn(x, window))(x))
+    weights = jnp.asarray(distinct(fn(x, window).shape, seed=2))
+    ours = jax.grad(lambda x: jnp.sum(weights * fn(x, window)))(x)
+    want = jax.grad(lambda x: jnp.sum(weights * reduce_window_pool(x, window, "max")))(x)
+    np.testing.assert_array_equal(ours, want)
+    # Forward mode: the tangent of the first maximum.
+    tangent = jnp.asarray(distinct(shape, seed=3))
+    np.testing.assert_array_equal(
+        jax.jvp(lambda x: fn(x, window), (x,), (tangent,))[1],
+        jax.jvp(lambda x: reduce_window_pool(x, window, "max"), (x,), (tangent,))[1])
+
+
+def test_max_pool_gradient_program_has_no_tie_count():
+    """The reshape path's backward is a select: no per-window tie count or division
+    (which a plain reduction's derivative computes for every cell)."""
+    x = jnp.asarray(distinct((2, 8, 8, 4)))
+    hlo = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(max_pool(x, 2))))).lower(
+        x).compile().as_text()
+    assert "divide(" not in hlo and "reduce-window(" not in hlo
+
+
+def test_max_pool_second_order_gradients_float64():
+    with jax.enable_x64(True):
+        x = jnp.asarray(distinct((1, 4, 4, 2), dtype=np.float64))
+        check_grads(lambda x: jnp.sin(max_pool(x, 2)), (x,), order=2, modes=("fwd", "rev"),
+                    atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- gradients
