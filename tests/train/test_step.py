@@ -139,6 +139,34 @@ def test_nonfinite_step_returns_incoming_state_and_names_the_leaf():
     assert paths[int(metrics["nonfinite_leaf"])] == "dense_0/kernel"
 
 
+def test_grad_norm_is_the_norm_of_the_gradients():
+    x, y = _data()
+    state = TrainState.create(model=MLP((4,), out_features=2), tx=optax.sgd(0.1), key=KEY,
+                              example_input=x[:1])
+    _, metrics = jax.jit(make_train_step())(state, {"inputs": x, "labels": y})
+
+    def loss(params):
+        logits = state.apply_fn({"params": params}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    grads = jax.grad(loss)(state.params)
+    want = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in jax.tree.leaves(grads)))
+    np.testing.assert_allclose(metrics["grad_norm"], want, rtol=1e-5)
+
+
+def test_gradient_whose_square_overflows_counts_as_nonfinite():
+    """Inputs of 1e20: every value stays finite (the loss too), but the first
+    kernel's gradient squared overflows float32, as Adam's second moment would."""
+    x, y = _data()
+    state = TrainState.create(model=MLP((4,), out_features=2), tx=optax.sgd(0.1), key=KEY,
+                              example_input=x[:1])
+    new, metrics = jax.jit(make_train_step())(state, {"inputs": x * 1e20, "labels": y})
+    assert np.isfinite(float(metrics["loss"])) and not bool(metrics["finite"])
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
+    assert paths[int(metrics["nonfinite_leaf"])] == "dense_0/kernel"
+    assert int(new.step) == 0
+
+
 def test_eval_metrics_average_exactly_over_uneven_batches():
     x, y = _data(10)
     state = TrainState.create(model=MLP((8,), out_features=2), tx=optax.sgd(0.1), key=KEY,
