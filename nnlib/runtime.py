@@ -1,4 +1,4 @@
-"""Process settings nnlib applies for speed: keeping freed host memory for reuse.
+"""Process settings nnlib applies for speed: freed host memory kept, CPU programs run inline.
 
 XLA:CPU gives every call of a compiled program fresh host buffers for its
 temporaries and outputs — for a train step, tens of MB of activations,
@@ -18,20 +18,29 @@ held, not used: the process keeps its peak heap instead of handing freed pages
 back to the OS between calls — what a training or serving loop, which
 allocates the same sizes every step, wants anyway.
 
-One case it does not cover: JAX runs CPU programs on a dispatch thread, and
-glibc's heaps for threads other than the main one cannot hold a block above
-64 MiB, so a program with more temporaries than that per call (the
-benchmark's GPT at batch 64, ~280 MB) still maps them per call. Either
-``jax.config.update("jax_cpu_enable_async_dispatch", False)`` before the
-first computation (programs then run on the calling thread; that step went
-3.4 -> 5.0 steps/s) or ``retain_freed_memory(single_arena=True)`` covers it;
-both are process-wide trade-offs (see their costs in the notes), so nnlib
-leaves the choice to the user.
+Programs above 64 MiB of temporaries need one more setting. JAX runs CPU
+programs on a dispatch thread by default, and glibc's heaps for threads other
+than the main one cannot hold a block above 64 MiB, so such a program (the
+benchmark's GPT at batch 64, ~280 MB; MiniLM inference at batch 32, ~120 MB)
+maps its temporaries afresh on every call whatever the thresholds.
+``sync_cpu_dispatch()`` turns JAX's asynchronous CPU dispatch off
+(``jax_cpu_enable_async_dispatch=False``): each program then runs on the
+thread that calls it, whose heap keeps the block. That GPT step went 3.6 ->
+5.0 steps/s, MiniLM 1.30 -> 1.41 calls/s, per-example gradients by ``vmap``
+120 -> 35 ms; the other benchmark workloads did not change. (Upstream reports
+the same setting restoring up to 2x on CPU inference: openxla/xla#18608.)
+What it changes: a call returns when its result is computed, so Python no
+longer runs ahead of the CPU — on CPU both compete for the same cores anyway;
+programs spanning several devices stay asynchronous (JAX applies the setting
+to single-device programs only). JAX reads it when its CPU backend starts, so
+nnlib applies it only if imported before JAX's first computation.
 
-nnlib calls it once when it is first imported, on Linux with glibc; set
-``NNLIB_RETAIN_MEMORY=0`` in the environment before importing nnlib to leave
-``malloc`` as it is. ``ALLOCATOR`` records what was applied (the benchmark
-writes it into its results).
+nnlib applies both when it is first imported: ``retain_freed_memory()`` on
+Linux with glibc, ``sync_cpu_dispatch()`` if JAX has not started yet. Set
+``NNLIB_RETAIN_MEMORY=0`` or ``NNLIB_SYNC_CPU_DISPATCH=0`` in the environment
+before importing nnlib to leave ``malloc`` or JAX's dispatch as they are.
+``ALLOCATOR`` and ``DISPATCH`` record what was applied (the benchmark writes
+them into its results).
 """
 
 from __future__ import annotations
@@ -53,6 +62,10 @@ TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes a C int
 
 #: What ``retain_freed_memory`` last applied: ``{"applied": bool, ...}``.
 ALLOCATOR: dict[str, Any] = {"applied": False, "reason": "not called"}
+
+#: What ``sync_cpu_dispatch`` last did: ``{"applied": bool, "reason": str,
+#: "async_dispatch": bool}`` (the last, JAX's setting afterwards).
+DISPATCH: dict[str, Any] = {"applied": False, "reason": "not called"}
 
 
 def _libc() -> Any | None:
@@ -116,6 +129,45 @@ def retain_freed_memory(
     return applied
 
 
+def _jax_backends_started() -> bool:
+    """Whether JAX has created its backends (after which dispatch is fixed)."""
+    try:
+        from jax._src import xla_bridge  # no public query in jax 0.10
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # a jax without it: assume not started
+        return False
+
+
+def sync_cpu_dispatch(enabled: bool = True) -> bool:
+    """Run each single-device CPU program on the thread that calls it.
+
+    Sets JAX's ``jax_cpu_enable_async_dispatch`` to ``not enabled``; see the
+    module docstring for why (programs with more than 64 MiB of temporaries
+    fault their memory in on every call under asynchronous dispatch) and what
+    it changes.
+
+    Args:
+      enabled: ``True`` for inline (synchronous) execution, ``False`` for
+        JAX's default asynchronous dispatch.
+
+    Returns:
+      Whether the setting takes effect: ``False`` when JAX's backends have
+      already started (JAX reads it once, when its CPU backend starts), in
+      which case nothing is changed.
+    """
+    import jax
+
+    if _jax_backends_started():
+        DISPATCH.clear()
+        DISPATCH.update(applied=False, reason="JAX had already started its backends",
+                        async_dispatch=bool(jax.config.read("jax_cpu_enable_async_dispatch")))
+        return False
+    jax.config.update("jax_cpu_enable_async_dispatch", not enabled)
+    DISPATCH.clear()
+    DISPATCH.update(applied=True, reason="jax.config", async_dispatch=not enabled)
+    return True
+
+
 def env_enabled(name: str) -> bool:
     """Whether the environment leaves nnlib's setting ``name`` on: anything but
     ``0``/``false``/``no``/``off`` (any case), unset included."""
@@ -123,7 +175,11 @@ def env_enabled(name: str) -> bool:
 
 
 def _apply_on_import() -> None:
-    if not env_enabled("NNLIB_RETAIN_MEMORY"):
+    if env_enabled("NNLIB_RETAIN_MEMORY"):
+        retain_freed_memory()
+    else:
         ALLOCATOR.update(applied=False, reason="NNLIB_RETAIN_MEMORY=0")
-        return
-    retain_freed_memory()
+    if env_enabled("NNLIB_SYNC_CPU_DISPATCH"):
+        sync_cpu_dispatch()
+    else:
+        DISPATCH.update(applied=False, reason="NNLIB_SYNC_CPU_DISPATCH=0")

@@ -1,4 +1,5 @@
-"""nnlib.runtime: freed host memory is kept for the next call (glibc only)."""
+"""nnlib.runtime: freed host memory is kept for the next call (glibc only), and CPU
+programs run on the calling thread, whose heap keeps blocks above 64 MiB."""
 
 import os
 import subprocess
@@ -14,14 +15,13 @@ needs_glibc = pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
 
 # Page faults per call of a program whose 64 MiB output (16,384 pages) is freed
 # before the next call: all of them when every call maps fresh pages, a fraction
-# when freed memory is reused. The program runs on the main thread (no async
-# dispatch): glibc's other threads' heaps cannot hold such a block (see
-# nnlib.runtime).
+# when freed memory is reused. The program runs on the main thread (nnlib turns
+# JAX's async CPU dispatch off): glibc's other threads' heaps cannot hold such a
+# block (see nnlib.runtime).
 _FAULTS = textwrap.dedent("""
     import json, resource
     import nnlib, nnlib.runtime
     import jax, jax.numpy as jnp
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
 
     def faults(fn, repeats=10):
         for _ in range(2):
@@ -40,16 +40,78 @@ _FAULTS = textwrap.dedent("""
 PAGES = (1 << 26) // 4096
 
 
-def _run(env_value: str | None) -> dict:
+# The same for a 96 MiB output under nnlib's defaults: glibc's heaps for threads
+# other than the main one cannot hold it, so only running the program on the
+# calling thread (sync_cpu_dispatch) lets the next call reuse it.
+_DISPATCH_FAULTS = textwrap.dedent("""
+    import json, resource
+    import nnlib, nnlib.runtime
+    import jax, jax.numpy as jnp
+
+    def faults(fn, repeats=10):
+        for _ in range(2):
+            fn()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(repeats):
+            fn()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats
+
+    f = jax.jit(lambda x: x * 2.0)
+    x = jnp.ones((4096, 6144))
+    out = {"jax": faults(lambda: jax.block_until_ready(f(x))),
+           "dispatch": nnlib.runtime.DISPATCH,
+           "async": jax.config.read("jax_cpu_enable_async_dispatch")}
+    print(json.dumps(out))
+""")
+BIG_PAGES = 96 * (1 << 20) // 4096
+
+_AFTER_JAX_STARTED = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp
+    jnp.ones(3).block_until_ready()
+    import nnlib.runtime
+    print(json.dumps({"dispatch": nnlib.runtime.DISPATCH,
+                      "async": jax.config.read("jax_cpu_enable_async_dispatch")}))
+""")
+
+
+def _run(env_value: str | None, script: str = _FAULTS,
+         name: str = "NNLIB_RETAIN_MEMORY") -> dict:
     import json
 
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("NNLIB_RETAIN_MEMORY", None)
+    env.pop("NNLIB_SYNC_CPU_DISPATCH", None)
     if env_value is not None:
-        env["NNLIB_RETAIN_MEMORY"] = env_value
-    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True,
+        env[name] = env_value
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@needs_glibc
+def test_import_runs_cpu_programs_inline_so_big_blocks_are_reused():
+    result = _run(None, _DISPATCH_FAULTS)
+    assert result["dispatch"] == {"applied": True, "reason": "jax.config",
+                                  "async_dispatch": False}
+    assert result["async"] is False
+    assert result["jax"] < 0.5 * BIG_PAGES, result
+
+
+@needs_glibc
+def test_dispatch_opt_out_keeps_async_dispatch_and_its_page_faults():
+    result = _run("0", _DISPATCH_FAULTS, name="NNLIB_SYNC_CPU_DISPATCH")
+    assert result["dispatch"] == {"applied": False, "reason": "NNLIB_SYNC_CPU_DISPATCH=0"}
+    assert result["async"] is True
+    assert result["jax"] > 0.9 * BIG_PAGES, result
+
+
+def test_dispatch_is_left_alone_once_jax_has_started():
+    result = _run(None, _AFTER_JAX_STARTED)
+    assert result["dispatch"] == {"applied": False,
+                                  "reason": "JAX had already started its backends",
+                                  "async_dispatch": True}
+    assert result["async"] is True
 
 
 @needs_glibc

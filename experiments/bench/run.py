@@ -89,6 +89,8 @@ def machine() -> dict[str, Any]:
         # nnlib.runtime's malloc settings, applied on import to the whole
         # process, so to both frameworks alike.
         "host_allocator": dict(nnlib.runtime.ALLOCATOR),
+        # JAX's CPU dispatch as nnlib left it (nnlib.runtime.sync_cpu_dispatch).
+        "jax_cpu_async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
     }
 
 
@@ -184,7 +186,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{meta['machine']['cores']} cores, load average {meta['load_start']} -> "
         f"{meta['load_end']}, PyTorch threads {meta['machine']['torch_threads']}, "
         f"freed host memory kept (nnlib.runtime, both frameworks): "
-        f"{'yes' if meta['machine'].get('host_allocator', {}).get('applied') else 'no'}"
+        f"{'yes' if meta['machine'].get('host_allocator', {}).get('applied') else 'no'}, "
+        f"JAX async CPU dispatch: "
+        f"{'on' if meta['machine'].get('jax_cpu_async_dispatch', True) else 'off'}"
         f"{' (QUICK: not a measurement)' if meta['quick'] else ''}",
         "",
         f"float32 matmul peak ({peaks['start']['n']}^3): jax.numpy.dot "
