@@ -32,37 +32,18 @@ _FAULTS = textwrap.dedent("""
         return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats
 
     f = jax.jit(lambda x: x * 2.0)
-    x = jnp.ones((4096, 4096))
+    x = jnp.ones(SHAPE)
     out = {"jax": faults(lambda: jax.block_until_ready(f(x))),
-           "allocator": nnlib.runtime.ALLOCATOR}
+           "allocator": nnlib.runtime.ALLOCATOR, "dispatch": nnlib.runtime.DISPATCH,
+           "async": jax.config.read("jax_cpu_enable_async_dispatch")}
     print(json.dumps(out))
 """)
-PAGES = (1 << 26) // 4096
-
+PAGES = (1 << 26) // 4096  # the 64 MiB output of SHAPE = (4096, 4096)
 
 # The same for a 96 MiB output under nnlib's defaults: glibc's heaps for threads
 # other than the main one cannot hold it, so only running the program on the
 # calling thread (sync_cpu_dispatch) lets the next call reuse it.
-_DISPATCH_FAULTS = textwrap.dedent("""
-    import json, resource
-    import nnlib, nnlib.runtime
-    import jax, jax.numpy as jnp
-
-    def faults(fn, repeats=10):
-        for _ in range(2):
-            fn()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(repeats):
-            fn()
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats
-
-    f = jax.jit(lambda x: x * 2.0)
-    x = jnp.ones((4096, 6144))
-    out = {"jax": faults(lambda: jax.block_until_ready(f(x))),
-           "dispatch": nnlib.runtime.DISPATCH,
-           "async": jax.config.read("jax_cpu_enable_async_dispatch")}
-    print(json.dumps(out))
-""")
+BIG_SHAPE = (4096, 6144)
 BIG_PAGES = 96 * (1 << 20) // 4096
 
 _AFTER_JAX_STARTED = textwrap.dedent("""
@@ -75,8 +56,8 @@ _AFTER_JAX_STARTED = textwrap.dedent("""
 """)
 
 
-def _run(env_value: str | None, script: str = _FAULTS,
-         name: str = "NNLIB_RETAIN_MEMORY") -> dict:
+def _run(env_value: str | None, script: str | None = None,
+         name: str = "NNLIB_RETAIN_MEMORY", shape: tuple[int, int] = (4096, 4096)) -> dict:
     import json
 
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -84,6 +65,7 @@ def _run(env_value: str | None, script: str = _FAULTS,
     env.pop("NNLIB_SYNC_CPU_DISPATCH", None)
     if env_value is not None:
         env[name] = env_value
+    script = script or _FAULTS.replace("SHAPE", repr(shape))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -91,7 +73,7 @@ def _run(env_value: str | None, script: str = _FAULTS,
 
 @needs_glibc
 def test_import_runs_cpu_programs_inline_so_big_blocks_are_reused():
-    result = _run(None, _DISPATCH_FAULTS)
+    result = _run(None, shape=BIG_SHAPE)
     assert result["dispatch"] == {"applied": True, "reason": "jax.config",
                                   "async_dispatch": False}
     assert result["async"] is False
@@ -100,7 +82,7 @@ def test_import_runs_cpu_programs_inline_so_big_blocks_are_reused():
 
 @needs_glibc
 def test_dispatch_opt_out_keeps_async_dispatch_and_its_page_faults():
-    result = _run("0", _DISPATCH_FAULTS, name="NNLIB_SYNC_CPU_DISPATCH")
+    result = _run("0", name="NNLIB_SYNC_CPU_DISPATCH", shape=BIG_SHAPE)
     assert result["dispatch"] == {"applied": False, "reason": "NNLIB_SYNC_CPU_DISPATCH=0"}
     assert result["async"] is True
     assert result["jax"] > 0.9 * BIG_PAGES, result
