@@ -381,6 +381,21 @@ def test_ensemble_step_with_a_batch_per_member():
         np.testing.assert_allclose(flat(unstack_ensemble(new, k)), flat(member), atol=1e-6)
 
 
+def test_ensemble_member_with_a_nonfinite_step_keeps_its_state():
+    """The step's guard is a cond; under vmap it becomes a per-member select."""
+    batches = [make_batch(seed=s) for s in range(4)]
+    batches[2]["inputs"] = np.full_like(batches[2]["inputs"], np.nan)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+    ensemble = shared_ensemble()
+    new, metrics = jax.jit(make_ensemble_train_step(LOSS, same_batch=False))(ensemble, stacked)
+    np.testing.assert_array_equal(np.asarray(metrics["finite"]), [True, True, False, True])
+    np.testing.assert_array_equal(np.asarray(new.step), [1, 1, 0, 1])
+    np.testing.assert_array_equal(flat(unstack_ensemble(new, 2)),
+                                  flat(unstack_ensemble(ensemble, 2)))
+    member, _ = SINGLE_STEP(unstack_ensemble(ensemble, 0), batches[0])
+    np.testing.assert_allclose(flat(unstack_ensemble(new, 0)), flat(member), atol=1e-6)
+
+
 def test_ensemble_predict():
     ensemble, inputs = shared_ensemble(), make_batch()["inputs"]
     per_member, mean = ensemble_predict(ensemble, inputs)
