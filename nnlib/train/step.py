@@ -104,6 +104,52 @@ def _forward(
     return state.apply_fn(variables, batch["inputs"], train=train, rngs=rngs), state.collections
 
 
+def guarded_update(
+    state: TrainState, grads: Any, loss: jax.Array | None = None,
+    collections: Mapping[str, Any] | None = None, *, use_cond: bool = True,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """``state.apply_gradients(grads, collections)`` unless the loss or a gradient
+    is NaN/Inf, in which case ``state`` comes back unchanged.
+
+    Returns ``(new_state, metrics)`` with ``"grad_norm"`` (global L2 norm of
+    ``grads``), ``"finite"`` and ``"nonfinite_leaf"`` (index in
+    ``jax.tree.leaves(grads)`` order of the first non-finite leaf, -1 if none).
+
+    One reduction per gradient leaf serves the norm and the guard: a leaf is
+    finite iff its sum of squares is (NaN and inf propagate into it), so a
+    finite gradient whose square overflows counts as non-finite too — Adam's
+    second moment would overflow on it. The guard is a ``lax.cond``: the
+    update runs only when it is kept and does not wait on the guard cell by
+    cell (under ``vmap`` JAX turns it into a per-member select). Inside
+    ``pmap``/``shard_map`` pass ``use_cond=False``: the new state may vary
+    across devices where the incoming one does not (BatchNorm without
+    ``axis_name``), which a cond rejects before ``shard_map`` can say so; a
+    ``where`` over the new state is used instead. (Measured on the benchmark
+    MLP: the shared reduction 2.5 %, the cond 3.8 % of the step.)
+    """
+    leaf_squares = jnp.stack([
+        jnp.vdot(g, g, preferred_element_type=jnp.promote_types(g.dtype, jnp.float32))
+        for g in jax.tree.leaves(grads)])
+    leaf_finite = jnp.isfinite(leaf_squares)
+    finite = jnp.all(leaf_finite)
+    if loss is not None:
+        finite = finite & jnp.isfinite(loss)
+    if use_cond:
+        new_state = jax.lax.cond(
+            finite, lambda s, g, c: s.apply_gradients(g, c), lambda s, g, c: s,
+            state, grads, collections)
+    else:
+        new_state = state.apply_gradients(grads, collections)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                 new_state, state)
+    first_bad = jnp.where(jnp.all(leaf_finite), -1, jnp.argmin(leaf_finite))
+    return new_state, {
+        "grad_norm": jnp.sqrt(jnp.sum(leaf_squares)),
+        "finite": finite,
+        "nonfinite_leaf": first_bad.astype(jnp.int32),
+    }
+
+
 def make_train_step(
     loss_fn: LossFn | None = None,
     *,
@@ -154,39 +200,9 @@ def make_train_step(
             if gradient_reduction == "gradients":
                 grads = jax.lax.pmean(grads, axis_name)
             metrics = jax.lax.pmean(metrics, axis_name)
-        # One reduction per gradient leaf serves the norm and the guard: a leaf is
-        # finite iff its sum of squares is (NaN and inf propagate into it). A
-        # finite gradient whose square overflows counts as non-finite too; Adam's
-        # second moment would overflow on it. (One pass instead of two over
-        # every gradient: MLP step 2.5 % faster.)
-        leaf_squares = jnp.stack([
-            jnp.vdot(g, g, preferred_element_type=jnp.promote_types(g.dtype, jnp.float32))
-            for g in jax.tree.leaves(grads)])
-        leaf_finite = jnp.isfinite(leaf_squares)
-        finite = jnp.isfinite(loss) & jnp.all(leaf_finite)
-        # Keep the last good state on NaN/Inf: the loop stops and saves it. A
-        # cond, not a where over the new state: the update then runs only when
-        # it is kept and does not wait on the guard cell by cell (MLP step
-        # 3.8 % faster); under vmap JAX turns it back into a select. Inside
-        # pmap/shard_map the new state may vary across devices where the
-        # incoming one does not (BatchNorm without axis_name), which a cond
-        # rejects before shard_map can say so; there the where stays.
-        if axis_name is None:
-            new_state = jax.lax.cond(
-                finite, lambda s, g, c: s.apply_gradients(g, c), lambda s, g, c: s,
-                state, grads, collections)
-        else:
-            new_state = state.apply_gradients(grads, collections)
-            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                     new_state, state)
-        first_bad = jnp.where(jnp.all(leaf_finite), -1, jnp.argmin(leaf_finite))
-        metrics = {
-            **metrics,
-            "grad_norm": jnp.sqrt(jnp.sum(leaf_squares)),
-            "finite": finite,
-            "nonfinite_leaf": first_bad.astype(jnp.int32),
-        }
-        return new_state, metrics
+        new_state, guard = guarded_update(state, grads, loss, collections,
+                                          use_cond=axis_name is None)
+        return new_state, {**metrics, **guard}
 
     return train_step
 

@@ -55,7 +55,14 @@ import optax
 from jaxtyping import Array, Bool, Float, PyTree
 
 from nnlib.train.state import TrainState
-from nnlib.train.step import Batch, LossFn, _forward, classification_loss, make_train_step
+from nnlib.train.step import (
+    Batch,
+    LossFn,
+    _forward,
+    classification_loss,
+    guarded_update,
+    make_train_step,
+)
 
 # --------------------------------------------------------------------------
 # Helpers: batch validation, masks, norms.
@@ -331,19 +338,8 @@ def make_dp_sgd_train_step(
             state, batch, key, l2_norm_clip=l2_norm_clip,
             noise_multiplier=noise_multiplier, loss_fn=loss_fn, train=train,
             rng_streams=rng_streams)
-        leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-        finite = jnp.all(leaf_finite)
-        if "loss" in metrics:
-            finite = finite & jnp.isfinite(metrics["loss"])
-        new_state = state.apply_gradients(grads)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-        first_bad = jnp.where(jnp.all(leaf_finite), -1, jnp.argmin(leaf_finite))
-        return new_state, {
-            **metrics,
-            "grad_norm": optax.tree.norm(grads),
-            "finite": finite,
-            "nonfinite_leaf": first_bad.astype(jnp.int32),
-        }
+        new_state, guard = guarded_update(state, grads, metrics.get("loss"))
+        return new_state, {**metrics, **guard}
 
     return dp_sgd_step
 

@@ -20,6 +20,7 @@ from nnlib.train import (
     path_str,
     regression_loss,
 )
+from nnlib.train.step import guarded_update
 
 KEY = jax.random.key(0)
 
@@ -165,6 +166,33 @@ def test_gradient_whose_square_overflows_counts_as_nonfinite():
     paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
     assert paths[int(metrics["nonfinite_leaf"])] == "dense_0/kernel"
     assert int(new.step) == 0
+
+
+@pytest.mark.parametrize("use_cond", [True, False])
+def test_guarded_update(use_cond):
+    """Both forms of the guard: the update when everything is finite, the
+    incoming state (and the first bad leaf) otherwise."""
+    x, _ = _data()
+    state = TrainState.create(model=MLP((4,), out_features=2), tx=optax.adam(0.1), key=KEY,
+                              example_input=x[:1])
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    update = jax.jit(lambda s, g, loss: guarded_update(s, g, loss, use_cond=use_cond))
+    new, m = update(state, grads, jnp.float32(1.0))
+    want = state.apply_gradients(grads)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    n = sum(g.size for g in jax.tree.leaves(grads))
+    np.testing.assert_allclose(m["grad_norm"], np.sqrt(n), rtol=1e-6)
+    assert bool(m["finite"]) and int(m["nonfinite_leaf"]) == -1
+
+    leaves, treedef = jax.tree.flatten(grads)
+    leaves[2] = leaves[2].at[0].set(jnp.inf)
+    for bad_grads, loss, leaf in [(jax.tree.unflatten(treedef, leaves), 1.0, 2),
+                                  (grads, np.nan, -1)]:
+        new, m = update(state, bad_grads, jnp.float32(loss))
+        assert not bool(m["finite"]) and int(m["nonfinite_leaf"]) == leaf
+        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state), strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_eval_metrics_average_exactly_over_uneven_batches():
