@@ -421,7 +421,6 @@ class RNN(nn.Module):
             expected = self.cell.initialize_carry((batch,), projected.dtype)
             _check_carry(name, initial_carry, expected, self.cell.carry_layout)
             carry = initial_carry
-        carry = varying_like(carry, projected)
 
         if self.fused and type(self.cell).step is RecurrentCell.step:
             kernel, bias = self.cell.recurrent_weights(carry)
@@ -432,6 +431,8 @@ class RNN(nn.Module):
             )
             return carry, jnp.swapaxes(outputs, 0, 1)  # [B, T, H]
 
+        # (recurrence() casts its own carry; the plain scan needs it here.)
+        carry = varying_like(carry, projected)
         if mask is None:
             def body(cell, carry, xs):
                 return cell.step(carry, xs)

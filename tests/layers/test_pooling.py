@@ -242,16 +242,15 @@ def test_max_gradient_with_ties_goes_to_the_first_maximum(shape, window):
     """Integer inputs tie often: every path sends a window's gradient to its first
     maximum in row-major order, as reduce_window (and PyTorch) do."""
     x = jnp.asarray(np.random.default_rng(0).integers(0, 3, shape).astype(np.float32))
-    fn = max_pool
-    assert "reduce_window" not in str(jax.make_jaxpr(lambda x: fn(x, window))(x))
-    weights = jnp.asarray(distinct(fn(x, window).shape, seed=2))
-    ours = jax.grad(lambda x: jnp.sum(weights * fn(x, window)))(x)
+    assert "reduce_window" not in str(jax.make_jaxpr(lambda x: max_pool(x, window))(x))
+    weights = jnp.asarray(distinct(max_pool(x, window).shape, seed=2))
+    ours = jax.grad(lambda x: jnp.sum(weights * max_pool(x, window)))(x)
     want = jax.grad(lambda x: jnp.sum(weights * reduce_window_pool(x, window, "max")))(x)
     np.testing.assert_array_equal(ours, want)
     # Forward mode: the tangent of the first maximum.
     tangent = jnp.asarray(distinct(shape, seed=3))
     np.testing.assert_array_equal(
-        jax.jvp(lambda x: fn(x, window), (x,), (tangent,))[1],
+        jax.jvp(lambda x: max_pool(x, window), (x,), (tangent,))[1],
         jax.jvp(lambda x: reduce_window_pool(x, window, "max"), (x,), (tangent,))[1])
 
 
