@@ -208,6 +208,24 @@ def test_cell_step_matches_numpy(kind):
         assert_tree_close(take(new_carry, b), want_carry)
 
 
+def test_lstm_gate_activations_equal_sigmoid_and_tanh():
+    """The LSTM's one-tanh gate nonlinearity, against jax.nn.sigmoid / tanh."""
+    from nnlib.layers.recurrent import _gate_activations
+
+    z = np.linspace(-30.0, 30.0, 4 * 3001, dtype=np.float32).reshape(3001, 4)
+    z = np.tile(z, (1, 3))  # [N, 12]: four gates of width H = 3
+    act = np.asarray(_gate_activations(jnp.asarray(z), "ssts"))
+    i, f, g, o = np.split(act, 4, axis=-1)
+    zi, zf, zg, zo = np.split(z, 4, axis=-1)
+    for got, pre in ((i, zi), (f, zf), (o, zo)):
+        np.testing.assert_allclose(got, 1.0 / (1.0 + np.exp(-pre.astype(np.float64))),
+                                   rtol=0, atol=2.5e-7)
+    np.testing.assert_allclose(g, np.tanh(zg.astype(np.float64)), rtol=0, atol=2.5e-7)
+    assert np.all((i >= 0) & (i <= 1)) and np.all((g >= -1) & (g <= 1))
+    # bfloat16 keeps the dtype.
+    assert _gate_activations(jnp.asarray(z, jnp.bfloat16), "ssts").dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_project_then_step_equals_call(kind):
     """The hoisted split computes the same step as the single-step API."""
