@@ -156,6 +156,7 @@ def make_train_step(
     axis_name: str | None = None,
     gradient_reduction: str = "loss",
     rng_streams: Sequence[str] = ("dropout",),
+    guard: str | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the pure train step ``(state, batch) -> (state, metrics)``.
 
@@ -175,6 +176,12 @@ def make_train_step(
         the device count, so the choice is explicit.
       rng_streams: names of the rng streams the model draws from when
         ``train=True``.
+      guard: how the step keeps the old state on a non-finite loss or
+        gradient (``guarded_update``): ``"cond"`` skips the update,
+        ``"where"`` computes it and selects. ``None`` (default): ``"cond"``,
+        or ``"where"`` with ``axis_name``. Under ``jax.vmap`` a cond becomes a
+        select anyway, and ``"where"`` is the faster of the two there
+        (``make_ensemble_train_step`` uses it).
 
     The returned function is not jitted: wrap it in ``jax.jit`` (with
     ``donate_argnums=0`` to update the state in place), ``jax.vmap`` or a mesh.
@@ -183,6 +190,9 @@ def make_train_step(
     if gradient_reduction not in ("loss", "gradients"):
         raise ValueError(
             f"gradient_reduction must be 'loss' or 'gradients', got {gradient_reduction!r}")
+    if guard not in (None, "cond", "where"):
+        raise ValueError(f"guard must be None, 'cond' or 'where', got {guard!r}")
+    use_cond = (axis_name is None) if guard is None else guard == "cond"
 
     def objective(params, state, batch, key):
         outputs, collections = _forward(
@@ -200,9 +210,8 @@ def make_train_step(
             if gradient_reduction == "gradients":
                 grads = jax.lax.pmean(grads, axis_name)
             metrics = jax.lax.pmean(metrics, axis_name)
-        new_state, guard = guarded_update(state, grads, loss, collections,
-                                          use_cond=axis_name is None)
-        return new_state, {**metrics, **guard}
+        new_state, kept = guarded_update(state, grads, loss, collections, use_cond=use_cond)
+        return new_state, {**metrics, **kept}
 
     return train_step
 

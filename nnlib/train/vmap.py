@@ -422,7 +422,10 @@ def make_ensemble_train_step(
 
     Metrics come back with a leading ``[K]`` axis. Not jitted.
     """
-    step = make_train_step(loss_fn, rng_streams=rng_streams)
+    # Under vmap a cond guard becomes a select of both branches; the where
+    # form is that select fused into the update (8-seed MLP ensemble, batch
+    # 64: 24.1 vs 25.3 ms per step).
+    step = make_train_step(loss_fn, rng_streams=rng_streams, guard="where")
     # A shared batch is broadcast to [K, B, ...] rather than mapped with
     # in_axes=None: then every matmul is a plain batched GEMM. With an
     # unmapped batch XLA:CPU merges the members' first-layer weights into one

@@ -195,6 +195,36 @@ def test_guarded_update(use_cond):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("guard", ["cond", "where"])
+def test_make_train_step_guard_forms_agree(guard):
+    """Either guard: the same update on a finite batch, the incoming state on a
+    NaN one, alone and under vmap (where a cond becomes a select)."""
+    x, y = _data()
+    state = TrainState.create(model=MLP((4,), out_features=2), tx=optax.adam(0.1), key=KEY,
+                              example_input=x[:1])
+    batch = {"inputs": x, "labels": y}
+    want, _ = jax.jit(make_train_step())(state, batch)
+    step = make_train_step(guard=guard)
+    got, _ = jax.jit(step)(state, batch)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    pair = jax.tree.map(lambda a: jnp.stack([a, a]), state)
+    batches = {"inputs": jnp.stack([x, bad]), "labels": jnp.stack([y, y])}
+    new, m = jax.jit(jax.vmap(step))(pair, batches)
+    assert [bool(f) for f in m["finite"]] == [True, False]
+    for a, b, c in zip(jax.tree.leaves(new), jax.tree.leaves(want), jax.tree.leaves(state),
+                       strict=True):
+        np.testing.assert_allclose(a[0], b, rtol=1e-6)
+        np.testing.assert_array_equal(a[1], c)
+
+
+def test_make_train_step_rejects_unknown_guard():
+    with pytest.raises(ValueError, match="guard must be"):
+        make_train_step(guard="select")
+
+
 def test_eval_metrics_average_exactly_over_uneven_batches():
     x, y = _data(10)
     state = TrainState.create(model=MLP((8,), out_features=2), tx=optax.sgd(0.1), key=KEY,
