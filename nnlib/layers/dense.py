@@ -13,15 +13,28 @@ g[b,t]``; written over two contracted axes, XLA:CPU copies the output gradient
 flattened axis it is a single ``[B*T, in]^T @ [B*T, out]`` product that reads
 ``g`` where it lies. On the benchmark GPT (4 layers, width 128, batch 12 x 64
 tokens) that copy was ~20 % of the train step: 13.2 -> 16.2 steps/s.
+
+A single row (``x`` with one example, as every example is inside
+``jax.vmap`` of a per-example gradient) takes its own derivative rule: JAX
+transposes ``x @ kernel`` into a ``[out, in]`` product and a transpose, which
+for one row XLA:CPU turns into an outer product written in transposed order
+and copied. The rule writes the kernel's tangent as a sum of ``x[:, None] *
+dkernel`` over ``in``, whose transpose is the outer product in ``[in, out]``
+order: per-example gradients of the benchmark MLP (784-512-512-10, batch 64)
+34.5 -> 9.2 ms, the same values bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float
 
 from nnlib.layers._checks import check_input, param_shape
@@ -50,11 +63,40 @@ def matmul_last_axis(
 
     The leading axes are flattened (a free reshape) so that the product, and
     its transpose for the kernel gradient, is a plain ``[N, in] @ [in, out]``
-    matrix product; see the module docstring for why that is faster.
+    matrix product; a single row (``N = 1``) differentiates through its own
+    rule. See the module docstring for why both are faster.
     """
-    y = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel,
-                   preferred_element_type=preferred_element_type)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] == 1:
+        y = _row_matmul(rows, kernel, preferred_element_type)
+    else:
+        y = jnp.matmul(rows, kernel, preferred_element_type=preferred_element_type)
     return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _row_matmul(row: Array, kernel: Array, preferred_element_type: Any) -> Array:
+    """``[1, in] @ [in, out]``, whose kernel derivative is an outer product
+    in ``[in, out]`` order (see the module docstring)."""
+    return jnp.matmul(row, kernel, preferred_element_type=preferred_element_type)
+
+
+@functools.partial(_row_matmul.defjvp, symbolic_zeros=True)
+def _row_matmul_jvp(preferred_element_type, primals, tangents):
+    row, kernel = primals
+    d_row, d_kernel = tangents
+    y = _row_matmul(row, kernel, preferred_element_type)
+    terms = []
+    if not isinstance(d_row, SymbolicZero):
+        terms.append(jnp.matmul(d_row, kernel, preferred_element_type=y.dtype))
+    if not isinstance(d_kernel, SymbolicZero):
+        # Accumulated as wide as the product would be (float32 for bf16).
+        acc = np.promote_types(y.dtype, np.float32)
+        terms.append(jnp.sum(row[0][:, None] * d_kernel, axis=0, dtype=acc)[None]
+                     .astype(y.dtype))
+    if not terms:  # not reached: JAX calls the rule only with a perturbed input
+        return y, jnp.zeros_like(y)
+    return y, sum(terms[1:], terms[0])
 
 
 class Dense(nn.Module):

@@ -51,6 +51,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, PyTree
 
@@ -235,6 +236,25 @@ def per_example_grad_norms(
 # --------------------------------------------------------------------------
 
 
+def weighted_sum_over_batch(
+    values: Float[Array, "batch ..."], weights: Float[Array, " batch"]
+) -> Array:
+    """``sum_j weights[j] * values[j]`` over the leading axis, as one product.
+
+    Written as ``jnp.sum(values * weights[:, None, ...], axis=0)``, the sum
+    over the leading axis of an array with three or more axes is a reduction
+    that XLA:CPU (jaxlib 0.10, through YNNPACK) runs hundreds of times slower
+    than the same work as a matrix-vector product: 1.2 s against 3 ms for 64
+    per-example gradients of a 784x512 kernel. Accumulated in (at least)
+    float32, returned in ``values``' dtype.
+    """
+    n = values.shape[0]
+    acc = np.promote_types(values.dtype, np.float32)
+    total = jnp.matmul(weights.astype(values.dtype), values.reshape(n, -1),
+                       preferred_element_type=acc)
+    return total.reshape(values.shape[1:]).astype(values.dtype)
+
+
 def dp_sgd_gradients(
     state: TrainState,
     batch: Batch,
@@ -292,8 +312,7 @@ def dp_sgd_gradients(
     noise_keys = jax.random.split(noise_key, len(leaves))
     private = []
     for leaf, leaf_key in zip(leaves, noise_keys, strict=True):
-        scale = factors.astype(leaf.dtype).reshape((-1,) + (1,) * (leaf.ndim - 1))
-        total = jnp.sum(leaf * scale, axis=0)  # [...]: sum of clipped gradients
+        total = weighted_sum_over_batch(leaf, factors)  # [...]: sum of clipped gradients
         noise = jax.random.normal(leaf_key, total.shape, total.dtype)
         total = total + (noise_multiplier * l2_norm_clip) * noise
         private.append(total / jnp.maximum(count, 1.0).astype(total.dtype))
@@ -477,7 +496,9 @@ def ensemble_predict(
         return outputs if transform is None else transform(outputs)
 
     per_member = jax.vmap(predict)(state)
-    return per_member, jnp.mean(per_member, axis=0)
+    members = per_member.shape[0]
+    return per_member, weighted_sum_over_batch(
+        per_member, jnp.full((members,), 1.0 / members, jnp.float32))
 
 
 def unstack_ensemble(state: TrainState, index: int) -> TrainState:

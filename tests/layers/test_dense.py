@@ -52,16 +52,67 @@ def test_dense_gradients():
         check_grads(f, (params, x), order=2, modes=("rev",))
 
 
-@pytest.mark.parametrize("shape", [(7,), (5, 7), (2, 3, 7), (2, 1, 3, 7)])
+@pytest.mark.parametrize("shape", [(7,), (5, 7), (2, 3, 7), (2, 1, 3, 7), (1, 7), (1, 1, 7)])
 def test_matmul_last_axis_equals_matmul_with_gradients(shape):
+    """Values and derivatives, forward and reverse, second order; (7,), (1, 7)
+    and (1, 1, 7) are single rows, which take their own derivative rule."""
     with jax.enable_x64(True):
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.normal(size=shape))
         k = jnp.asarray(rng.normal(size=(7, 4)))
         np.testing.assert_allclose(matmul_last_axis(x, k), np.asarray(x) @ np.asarray(k),
                                    rtol=1e-12)
-        check_grads(lambda x, k: jnp.sin(matmul_last_axis(x, k)), (x, k), order=2,
-                    modes=("rev",))
+        f = lambda x, k: jnp.sin(matmul_last_axis(x, k))
+        check_grads(f, (x, k), order=2, modes=("rev", "fwd"))
+        # Derivatives with respect to one argument only (the other unperturbed).
+        check_grads(lambda x: f(x, k), (x,), order=2, modes=("rev", "fwd"))
+        check_grads(lambda k: f(x, k), (k,), order=2, modes=("rev", "fwd"))
+
+
+def test_single_row_gradients_equal_matmul_gradients():
+    """The single-row rule against jnp.matmul's own derivative, also in bf16
+    (kernel tangent accumulated in float32) and with preferred_element_type."""
+    rng = np.random.default_rng(3)
+    for dtype, pet, tol in [(jnp.float32, None, 1e-6), (jnp.bfloat16, None, 1e-2),
+                            (jnp.bfloat16, jnp.float32, 1e-2)]:
+        x = jnp.asarray(rng.normal(size=(1, 9)), dtype)
+        k = jnp.asarray(rng.normal(size=(9, 5)), dtype)
+        g = jnp.asarray(rng.normal(size=(1, 5)), pet or dtype)
+        mine = jax.vjp(lambda x, k, pet=pet: matmul_last_axis(x, k, preferred_element_type=pet),
+                       x, k)
+        ref = jax.vjp(lambda x, k, pet=pet: jnp.matmul(x, k, preferred_element_type=pet), x, k)
+        assert mine[0].dtype == ref[0].dtype
+        for a, b in zip(mine[1](g), ref[1](g), strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                       rtol=tol, atol=tol)
+        tx, tk = jnp.ones_like(x), jnp.ones_like(k)
+        got = jax.jvp(lambda x, k, pet=pet: matmul_last_axis(x, k, preferred_element_type=pet),
+                      (x, k), (tx, tk))[1]
+        want = jax.jvp(lambda x, k, pet=pet: jnp.matmul(x, k, preferred_element_type=pet),
+                       (x, k), (tx, tk))[1]
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU layout choice")
+def test_per_example_kernel_gradients_are_written_in_place():
+    """vmap of a single-row gradient: the [B, in, out] kernel gradients come out
+    of one fusion in their own layout, with no transposed copy of them."""
+    x = jnp.ones((8, 6))
+    layer = Dense(5)
+    params = layer.init(KEY, x[:1])
+    per_example = jax.jit(jax.vmap(
+        jax.grad(lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x[None])))), in_axes=(None, 0)))
+    hlo = per_example.lower(params, x).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    assert "f32[8,6,5]{1,2,0}" not in hlo
+    assert not re.findall(r"%\S+ = f32\[8,6,5\]\{2,1,0\} (?:copy|transpose)\(", entry), entry
+    want = jax.vmap(jax.grad(lambda p, x: jnp.sum(jnp.sin(
+        x[None] @ p["params"]["kernel"] + p["params"]["bias"]))), in_axes=(None, 0))(params, x)
+    got = per_example(params, x)
+    np.testing.assert_allclose(got["params"]["kernel"], want["params"]["kernel"], rtol=1e-6)
 
 
 def test_matmul_last_axis_preferred_element_type():

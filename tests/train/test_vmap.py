@@ -35,6 +35,7 @@ from nnlib.train.vmap import (
     per_example_gradients,
     stack_ensemble,
     unstack_ensemble,
+    weighted_sum_over_batch,
 )
 
 KEY = jax.random.key(0)
@@ -231,6 +232,24 @@ def test_dp_sgd_without_noise_is_clipped_mean():
     np.testing.assert_allclose(metrics["per_example_grad_norm"], norms.mean(), rtol=1e-5)
     np.testing.assert_allclose(metrics["clipped_fraction"], np.mean(norms > clip))
     assert set(metrics) >= {"loss", "accuracy"}
+
+
+@pytest.mark.parametrize("shape", [(5,), (5, 3), (5, 4, 3), (5, 2, 3, 2)])
+def test_weighted_sum_over_batch_is_a_matrix_vector_product(shape):
+    """Equal to sum_j w_j x_j in float64, for any rank; bf16 comes back bf16,
+    accumulated in float32; lowered to one dot, not a reduction."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype(np.float32)
+    w = rng.random(shape[0]).astype(np.float32)
+    want = np.tensordot(w.astype(np.float64), x.astype(np.float64), axes=1)
+    got = weighted_sum_over_batch(jnp.asarray(x), jnp.asarray(w))
+    assert got.shape == shape[1:] and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    low = weighted_sum_over_batch(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w))
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low, np.float32), want, rtol=2e-2, atol=2e-2)
+    jaxpr = str(jax.make_jaxpr(weighted_sum_over_batch)(jnp.asarray(x), jnp.asarray(w)))
+    assert "dot_general" in jaxpr and "reduce_sum" not in jaxpr
 
 
 def test_dp_sgd_each_clipped_gradient_within_norm():
