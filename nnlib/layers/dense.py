@@ -86,17 +86,15 @@ def _row_matmul_jvp(preferred_element_type, primals, tangents):
     row, kernel = primals
     d_row, d_kernel = tangents
     y = _row_matmul(row, kernel, preferred_element_type)
-    terms = []
-    if not isinstance(d_row, SymbolicZero):
-        terms.append(jnp.matmul(d_row, kernel, preferred_element_type=y.dtype))
-    if not isinstance(d_kernel, SymbolicZero):
-        # Accumulated as wide as the product would be (float32 for bf16).
-        acc = np.promote_types(y.dtype, np.float32)
-        terms.append(jnp.sum(row[0][:, None] * d_kernel, axis=0, dtype=acc)[None]
-                     .astype(y.dtype))
-    if not terms:  # not reached: JAX calls the rule only with a perturbed input
-        return y, jnp.zeros_like(y)
-    return y, sum(terms[1:], terms[0])
+    # JAX calls the rule only with at least one perturbed input.
+    if isinstance(d_kernel, SymbolicZero):
+        return y, jnp.matmul(d_row, kernel, preferred_element_type=y.dtype)
+    # Accumulated as wide as the product would be (float32 for bf16).
+    acc = np.promote_types(y.dtype, np.float32)
+    kernel_term = jnp.sum(row[0][:, None] * d_kernel, axis=0, dtype=acc)[None].astype(y.dtype)
+    if isinstance(d_row, SymbolicZero):
+        return y, kernel_term
+    return y, jnp.matmul(d_row, kernel, preferred_element_type=y.dtype) + kernel_term
 
 
 class Dense(nn.Module):
