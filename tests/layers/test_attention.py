@@ -159,7 +159,8 @@ def test_jax_and_explicit_paths_agree(masked):
     slow = dot_product_attention(q, k, v, mask, implementation="explicit")
     auto = dot_product_attention(q, k, v, mask)
     np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(auto, fast)
+    # "auto" is the explicit path on CPU (faster there), JAX's elsewhere.
+    np.testing.assert_array_equal(auto, slow if jax.default_backend() == "cpu" else fast)
 
 
 def test_fully_masked_rows_give_zero_weights_output_and_gradient():
