@@ -87,14 +87,14 @@ def _row_matmul_jvp(preferred_element_type, primals, tangents):
     d_row, d_kernel = tangents
     y = _row_matmul(row, kernel, preferred_element_type)
     # JAX calls the rule only with at least one perturbed input.
+    row_term = (None if isinstance(d_row, SymbolicZero)
+                else jnp.matmul(d_row, kernel, preferred_element_type=y.dtype))
     if isinstance(d_kernel, SymbolicZero):
-        return y, jnp.matmul(d_row, kernel, preferred_element_type=y.dtype)
+        return y, row_term
     # Accumulated as wide as the product would be (float32 for bf16).
     acc = np.promote_types(y.dtype, np.float32)
     kernel_term = jnp.sum(row[0][:, None] * d_kernel, axis=0, dtype=acc)[None].astype(y.dtype)
-    if isinstance(d_row, SymbolicZero):
-        return y, kernel_term
-    return y, jnp.matmul(d_row, kernel, preferred_element_type=y.dtype) + kernel_term
+    return y, kernel_term if row_term is None else row_term + kernel_term
 
 
 class Dense(nn.Module):
