@@ -183,6 +183,20 @@ def _check_attention_mask(layer: str, mask: Any, expected: tuple[int, ...]) -> A
     return _as_bool(layer, mask, "mask")
 
 
+def _attention_logits(query: Array, key: Array, mask: Array | None) -> Array:
+    """Scaled, masked logits ``[B, H, q, kv]`` in at least float32."""
+    # Accumulate and normalise in (at least) float32 whatever the input dtype:
+    # bf16 logits lose the small differences the softmax amplifies.
+    logits_dtype = np.promote_types(query.dtype, np.float32)  # numpy: no strict-mode error
+    logits = jnp.einsum(
+        "bqhd,bkhd->bhqk", query, key, preferred_element_type=logits_dtype
+    )  # [B, H, q, kv]
+    logits = logits * jnp.asarray(1.0 / np.sqrt(query.shape[-1]), logits_dtype)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.asarray(_LARGE_NEGATIVE, logits_dtype))
+    return logits
+
+
 def dot_product_attention_weights(
     query: Float[Array, "batch q_len heads head_dim"],
     key: Float[Array, "batch kv_len heads head_dim"],
@@ -201,20 +215,11 @@ def dot_product_attention_weights(
       sums to 1 and is exactly 0 on masked keys; a fully masked row is all 0.
     """
     _check_qkv(query, key, None)
-    batch, q_len, heads, head_dim = query.shape
+    batch, q_len, heads, _ = query.shape
     mask = _check_attention_mask(
         "dot_product_attention", mask, (batch, heads, q_len, key.shape[1])
     )
-    # Accumulate and normalise in (at least) float32 whatever the input dtype:
-    # bf16 logits lose the small differences the softmax amplifies.
-    logits_dtype = np.promote_types(query.dtype, np.float32)  # numpy: no strict-mode error
-    logits = jnp.einsum(
-        "bqhd,bkhd->bhqk", query, key, preferred_element_type=logits_dtype
-    )  # [B, H, q, kv]
-    logits = logits * jnp.asarray(1.0 / np.sqrt(head_dim), logits_dtype)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.asarray(_LARGE_NEGATIVE, logits_dtype))
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = jax.nn.softmax(_attention_logits(query, key, mask), axis=-1)
     if mask is not None:
         # A row with every key masked would otherwise be uniform over them all.
         weights = jnp.where(mask.any(axis=-1, keepdims=True), weights, 0.0)
@@ -292,13 +297,66 @@ def dot_product_attention(
     if use_jax:
         return _jax_attention(query, key, value, mask)
 
-    weights = dot_product_attention_weights(query, key, mask)  # [B, H, q, kv]
-    attended = dropout(dropout_rng, weights, dropout_rate) if use_dropout else weights
+    if return_weights:
+        weights = dot_product_attention_weights(query, key, mask)  # [B, H, q, kv]
+        attended = dropout(dropout_rng, weights, dropout_rate) if use_dropout else weights
+        out_dtype = jnp.result_type(query.dtype, value.dtype)
+        return _weighted_values(attended, value, out_dtype), weights
+    return _deferred_softmax_attention(
+        query, key, value, mask, dropout_rng if use_dropout else None, dropout_rate
+    )
+
+
+def _weighted_values(
+    weights: Array, value: Array, out_dtype: Any, denominator: Array | None = None
+) -> Array:
+    """``weights @ value`` per head, divided per row by ``denominator`` if given.
+
+    ``weights: [B, H, q, kv]``, ``value: [B, kv, H, d]``; returns ``[B, q, H, d]``
+    in ``out_dtype``. With a denominator the product accumulates in its dtype
+    (at least float32) and is divided before the cast.
+    """
+    preferred = None if denominator is None else denominator.dtype
     # Heads-major product, then one transpose of the (small) result: written
     # straight to [B, q, H, d], XLA:CPU transposed every weight matrix instead.
-    outputs = jnp.einsum("bhqk,bhkd->bhqd", attended, jnp.swapaxes(value, 1, 2))
-    outputs = jnp.swapaxes(outputs, 1, 2)  # [B, q, H, d]
-    return (outputs, weights) if return_weights else outputs
+    outputs = jnp.einsum(
+        "bhqk,bhkd->bhqd", weights.astype(value.dtype), jnp.swapaxes(value, 1, 2),
+        preferred_element_type=preferred,
+    )
+    if denominator is not None:
+        outputs = outputs / denominator[..., None]
+    return jnp.swapaxes(outputs, 1, 2).astype(out_dtype)  # [B, q, H, d]
+
+
+def _deferred_softmax_attention(
+    query: Array, key: Array, value: Array, mask: Array | None,
+    dropout_rng: Array | None, dropout_rate: float,
+) -> Array:
+    """``softmax(logits) @ v`` with the softmax's division moved after the product.
+
+    ``exp(logits - max)`` is multiplied by the values first and the ``[B, H,
+    q, d]`` result divided by each row's sum, as flash attention does: the same
+    mathematics without writing (and re-reading) the normalised ``[B, H, q,
+    kv]`` weights. On CPU that halves the attention's time (MiniLM's ``[32,
+    12, 128, 32]`` attention: 20.7 -> 10.1 ms). The maximum is a constant to
+    differentiation (the softmax does not depend on it), so the backward pass
+    does not trace through it. Dropout, elementwise and linear, commutes with
+    the division: the kept unnormalised weights are scaled as before.
+    """
+    logits = _attention_logits(query, key, mask)  # [B, H, q, kv]
+    shift = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    unnormalised = jnp.exp(logits - shift)
+    denominator = unnormalised.sum(axis=-1)  # [B, H, q], >= 1
+    if dropout_rng is not None:
+        unnormalised = dropout(dropout_rng, unnormalised, dropout_rate)
+    out_dtype = jnp.result_type(query.dtype, value.dtype)
+    outputs = _weighted_values(unnormalised, value, out_dtype, denominator)  # [B, q, H, d]
+    if mask is not None:
+        # A row with every key masked would otherwise average all the values.
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        any_key = jnp.swapaxes(mask.any(axis=-1), 1, 2)[..., None]  # [B|1, q|1, H|1, 1]
+        outputs = jnp.where(any_key, outputs, jnp.zeros((), outputs.dtype))
+    return outputs
 
 
 def _jax_attention(query: Array, key: Array, value: Array, mask: Array | None) -> Array:

@@ -561,3 +561,73 @@ def test_error_key_padding_mask_shape(built):
         mha.apply(params, x, key_padding_mask=np.ones((2, 1, 5), bool))
     with pytest.raises(TypeError, match=r"MultiHeadAttention expected key_padding_mask to be boolean"):
         mha.apply(params, x, key_padding_mask=np.ones((2, 5), np.float32))
+
+
+def _masks():
+    return {
+        "none": None,
+        "causal": causal_mask(6),
+        "padding+fully_masked_row": padding_mask(
+            np.array([[1, 1, 0, 1, 1, 1], [1] * 6], bool),
+            np.array([[1, 1, 1, 0, 0, 1], [1, 0, 0, 0, 0, 0]], bool),
+        ),
+    }
+
+
+@pytest.mark.parametrize("masked", ["none", "causal", "padding+fully_masked_row"])
+def test_deferred_softmax_matches_normalised_weights(masked):
+    """Without weights returned, the softmax's division comes after the product."""
+    q, k, v = _qkv(q=6, k=6)
+    mask = _masks()[masked]
+    out = dot_product_attention(q, k, v, mask, implementation="explicit")
+    with_weights, w = dot_product_attention(
+        q, k, v, mask, implementation="explicit", return_weights=True
+    )
+    np.testing.assert_allclose(out, with_weights, rtol=1e-6, atol=1e-6)
+    ref = np.einsum("bhqk,bkhd->bqhd", np.asarray(w, np.float64), v.astype(np.float64))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def _division_shapes(jaxpr):
+    """Output shapes of every ``div`` in a jaxpr, nested jaxprs included."""
+    from jax.extend import core as jex_core
+
+    shapes = [e.outvars[0].aval.shape for e in jaxpr.eqns if e.primitive.name == "div"]
+    for sub in jex_core.subjaxprs(jaxpr):
+        shapes += _division_shapes(sub)
+    return shapes
+
+
+def test_deferred_softmax_never_normalises_the_weights():
+    """The only division is of the [B, H, q, d] output, not of [B, H, q, kv] weights."""
+    q, k, v = _qkv(q=6, k=7, d=5)
+    deferred = jax.make_jaxpr(lambda q, k, v: dot_product_attention(
+        q, k, v, causal_mask(6, 7), implementation="explicit"))(q, k, v)
+    shapes = _division_shapes(deferred.jaxpr)
+    assert shapes and all(s[-1] == 5 for s in shapes), shapes
+    # The weights themselves are normalised (the check can see a division).
+    weights = jax.make_jaxpr(dot_product_attention_weights)(q, k)
+    assert (2, 3, 6, 7) in _division_shapes(weights.jaxpr)
+
+
+@pytest.mark.parametrize("masked", ["causal", "padding+fully_masked_row"])
+def test_deferred_softmax_gradients_float64(masked):
+    mask = _masks()[masked]
+    with jax.enable_x64(True):
+        q, k, v = (jnp.asarray(a, jnp.float64) for a in _qkv(q=6, k=6, h=2, d=3))
+        f = jax.jit(lambda q, k, v: jnp.sin(
+            dot_product_attention(q, k, v, mask, implementation="explicit")
+        ).sum())
+        check_grads(f, (q, k, v), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+
+
+def test_deferred_softmax_dropout_equals_dropout_on_the_weights():
+    q, k, v = _qkv()
+    kw = dict(dropout_rate=0.3, deterministic=False, implementation="explicit")
+    run = jax.jit(lambda key: (
+        dot_product_attention(q, k, v, causal_mask(4, 6), dropout_rng=key, **kw),
+        dot_product_attention(q, k, v, causal_mask(4, 6), dropout_rng=key,
+                              return_weights=True, **kw)[0],
+    ))
+    deferred, normalised = run(jax.random.key(3))
+    np.testing.assert_allclose(deferred, normalised, rtol=1e-5, atol=1e-6)
