@@ -6,7 +6,8 @@ Training workloads are ``nnlib.train.jit(make_train_step(), donate_argnums=0)``
 ``TrainState`` with ``make_optimizer("adamw", ...)`` — exactly the step
 ``nnlib.train.fit`` runs, including what it does besides the update (accuracy,
 the global gradient norm, the non-finite guard that keeps the old state on
-NaN). Inference is ``jax.jit(model.apply)`` on ``nnlib.models.bert.Bert``;
+NaN). Inference is ``nnlib.train.jit(model.apply)`` on ``nnlib.models.bert.Bert``
+(the same options choice: its matmuls are large, so oneDNN takes them);
 generation is
 ``nnlib.models.generate`` (KV cache, the whole loop one jitted program).
 
@@ -147,7 +148,7 @@ def build_minilm(name: str, spec: dict[str, Any], data: dict[str, np.ndarray]) -
     model = make_model(name, spec)
     tokens = jnp.asarray(data["inputs"])
     variables = model.init(jax.random.key(0), tokens[:1])
-    forward = jax.jit(model.apply)
+    forward = train_jit(model.apply)
     holder: dict[str, Any] = {}
 
     def step() -> None:

@@ -13,7 +13,15 @@ from jax import lax
 from nnlib.compress import compile_fn
 from nnlib.models import CNN, MLPClassifier
 from nnlib.train import TrainState, compiler_options, jit, make_optimizer, make_train_step
-from nnlib.train.compile import CPU_CONV_OPTIONS, _backend_accepts, has_convolution
+from nnlib.train.compile import (
+    CPU_CONV_OPTIONS,
+    CPU_LARGE_MATMUL_OPTIONS,
+    LARGE_MATMUL_SHARE,
+    LARGE_MATMUL_SIZE,
+    _backend_accepts,
+    has_convolution,
+    large_matmul_share,
+)
 
 
 def conv(x, w):
@@ -149,3 +157,68 @@ def test_jit_composes_with_jit_vmap_and_grad():
                                jnp.sin(x) * 2 + 1, rtol=1e-6)
     np.testing.assert_allclose(jax.vmap(f)(x), jnp.sin(x) * 2, rtol=1e-6)
     np.testing.assert_allclose(jax.grad(lambda x: jit(lambda y: (y ** 2).sum())(x))(x), 2 * x)
+
+
+def _sds(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def test_large_matmul_share_counts_flops_scan_trips_and_skips_batched_products():
+    big, small = LARGE_MATMUL_SIZE, 256
+    # One large product [big, 8] @ [8, 16] and one small [small, 8] @ [8, 16].
+    two = jax.jit(lambda a, b, w: (a @ w, b @ w)).trace(
+        _sds(big, 8), _sds(small, 8), _sds(8, 16)).jaxpr
+    assert large_matmul_share(two) == pytest.approx(big / (big + small))
+    # Large by its contraction: x^T @ dy over `big` rows (a kernel's gradient).
+    grad_like = jax.jit(lambda x, dy: x.T @ dy).trace(_sds(big, 8), _sds(big, 16)).jaxpr
+    assert large_matmul_share(grad_like) == 1.0
+    # A scan body counts once per step: 10 small products against one large.
+    def looped(h, w, a):
+        h = lax.scan(lambda h, _: (jnp.tanh(h @ w), None), h, None, length=10)[0]
+        return h, a @ w
+
+    scanned = jax.jit(looped).trace(_sds(small, 8), _sds(8, 8), _sds(big, 8)).jaxpr
+    assert large_matmul_share(scanned) == pytest.approx(big / (big + 10 * small))
+    # Batched products (attention, vmap) are not counted; none at all gives 0.
+    batched = jax.jit(lambda a, b: jnp.einsum("bik,bkj->bij", a, b)).trace(
+        _sds(4, big, 8), _sds(4, 8, 8)).jaxpr
+    assert large_matmul_share(batched) == 0.0
+    assert large_matmul_share(jaxpr_of(lambda a: a * 2, X)) == 0.0
+    # Through grad (transposed products) and nested jits.
+    dense_grad = jax.jit(jax.grad(lambda w, x: jnp.sum(jax.jit(jnp.matmul)(x, w) ** 2))).trace(
+        _sds(8, 16), _sds(big, 8)).jaxpr
+    assert large_matmul_share(dense_grad) == 1.0
+
+
+def test_compiler_options_choose_onednn_for_large_matmul_programs(monkeypatch):
+    large = jax.jit(lambda x, w: jnp.tanh(x @ w)).trace(_sds(LARGE_MATMUL_SIZE, 32),
+                                                         _sds(32, 32)).jaxpr
+    small = jax.jit(lambda x, w: jnp.tanh(x @ w)).trace(_sds(64, 32), _sds(32, 32)).jaxpr
+    assert large_matmul_share(large) >= LARGE_MATMUL_SHARE
+    assert compiler_options(large) == CPU_LARGE_MATMUL_OPTIONS
+    assert compiler_options(small) is None
+    assert compiler_options(large, backend="gpu") is None
+    # A convolution decides first, whatever the matmuls.
+    both = jax.jit(lambda x, w, a, b: (conv(x, w), a @ b)).trace(
+        X, W, _sds(LARGE_MATMUL_SIZE, 32), _sds(32, 32)).jaxpr
+    assert compiler_options(both) == CPU_CONV_OPTIONS
+    monkeypatch.setenv("NNLIB_XLA_OPTIONS", "0")
+    assert compiler_options(large) is None
+
+
+def test_large_matmuls_compile_to_onednn_and_match_jax_jit():
+    """What the option does: the plain matmuls of a large-matmul program leave
+    YNNPACK for oneDNN; results agree with jax.jit's to float32 rounding."""
+    if not _backend_accepts(tuple(sorted(CPU_LARGE_MATMUL_OPTIONS.items()))):
+        pytest.skip("this jaxlib has no oneDNN matmul fusion")
+    x = jax.random.normal(jax.random.key(0), (LARGE_MATMUL_SIZE, 64))
+    w = jax.random.normal(jax.random.key(1), (64, 32))
+    loss = lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2)
+    step = jit(jax.value_and_grad(loss))
+    hlo = step.lower(w, x).compile().as_text()
+    assert step.options == CPU_LARGE_MATMUL_OPTIONS
+    default_hlo = jax.jit(step.fun).lower(w, x).compile().as_text()
+    assert "%onednn_fusion" in hlo and "%onednn_fusion" not in default_hlo
+    (value, grad), (ref_value, ref_grad) = step(w, x), jax.jit(step.fun)(w, x)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-3)
