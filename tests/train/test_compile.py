@@ -222,3 +222,29 @@ def test_large_matmuls_compile_to_onednn_and_match_jax_jit():
     (value, grad), (ref_value, ref_grad) = step(w, x), jax.jit(step.fun)(w, x)
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-3)
+
+
+def test_large_matmul_gpt_step_trains_like_jax_jit():
+    """A GPT train step over 2048 tokens (oneDNN matmuls forward and backward)
+    gives jax.jit's (YNNPACK) losses and parameters to float32 rounding."""
+    if not _backend_accepts(tuple(sorted(CPU_LARGE_MATMUL_OPTIONS.items()))):
+        pytest.skip("this jaxlib has no oneDNN matmul fusion")
+    from nnlib.models import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=16, context_length=64, num_layers=1, num_heads=2,
+                          embed_dim=32))
+    tokens = jax.random.randint(jax.random.key(0), (LARGE_MATMUL_SIZE // 64, 64), 0, 16)
+    batch = {"inputs": tokens, "labels": jnp.roll(tokens, -1, axis=1)}
+    states = [TrainState.create(model=model, tx=make_optimizer("adamw", 1e-2),
+                                key=jax.random.key(1), example_input=tokens[:1])
+              for _ in range(2)]
+    ours, reference = jit(make_train_step()), jax.jit(make_train_step())
+    for _ in range(2):
+        states[0], m0 = ours(states[0], batch)
+        states[1], m1 = reference(states[1], batch)
+        np.testing.assert_allclose(m0["loss"], m1["loss"], rtol=1e-5)
+        np.testing.assert_allclose(m0["grad_norm"], m1["grad_norm"], rtol=1e-4)
+    assert ours.options == CPU_LARGE_MATMUL_OPTIONS
+    for a, b in zip(jax.tree.leaves(states[0].params), jax.tree.leaves(states[1].params),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
