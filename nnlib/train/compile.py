@@ -24,7 +24,7 @@ on products over thousands of rows (a transformer's tokens) the oneDNN matmul
 that jaxlib also carries runs at the CPU's matmul peak where YNNPACK falls
 10-30 % short (``[4096, 384] @ [384, 1536]``: 154 vs 182 GFLOP/s; kernel
 gradients over 4096 rows up to 1.3x). ``compiler_options`` therefore sends a
-convolution-free CPU program's plain matmuls to oneDNN
+convolution-free x86-64 CPU program's plain matmuls to oneDNN
 (``CPU_LARGE_MATMUL_OPTIONS``; reductions and the matmuls fused with them stay
 in YNNPACK) when at least ``LARGE_MATMUL_SHARE`` of its matmul FLOPs are in
 products with ``LARGE_MATMUL_SIZE`` rows or more, or contracting over that many
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import math
+import platform
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -82,6 +83,9 @@ LARGE_MATMUL_SHARE = 0.8
 
 _CONV_PRIMITIVES = frozenset({"conv_general_dilated"})
 
+#: oneDNN's matmuls were measured on x86-64 (AVX2); elsewhere XLA's defaults stay.
+_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
 
 def _primitives(jaxpr: Any) -> Iterator[str]:
     """Every primitive name in ``jaxpr`` and the jaxprs nested in its equations."""
@@ -99,12 +103,15 @@ def has_convolution(jaxpr: Any) -> bool:
 
 @functools.cache
 def _backend_accepts(options: tuple[tuple[str, str], ...]) -> bool:
-    """Whether this jaxlib's compiler knows the options (they are experimental)."""
+    """Whether this jaxlib's compiler takes the options (they are experimental)
+    and still computes a small matmul program right with them."""
+    a = jnp.arange(64 * 32, dtype=jnp.float32).reshape(64, 32) / 1024
+    b = jnp.arange(32 * 16, dtype=jnp.float32).reshape(32, 16) / 512
     try:
-        jax.jit(lambda x: x + 1, compiler_options=dict(options))(jnp.zeros(()))
+        got = jax.jit(lambda a, b: jnp.tanh(a @ b).sum(0), compiler_options=dict(options))(a, b)
     except Exception:  # an unknown flag or enum value: older/newer jaxlib
         return False
-    return True
+    return bool(jnp.allclose(got, jnp.tanh(a @ b).sum(0), rtol=1e-5))
 
 
 def _matmuls(jaxpr: Any, trips: int = 1) -> Iterator[tuple[int, int, int, int, int]]:
@@ -163,7 +170,7 @@ def compiler_options(jaxpr: Any, backend: str | None = None) -> dict[str, str] |
         return None
     if has_convolution(jaxpr):
         chosen = CPU_CONV_OPTIONS
-    elif large_matmul_share(jaxpr) >= LARGE_MATMUL_SHARE:
+    elif _X86_64 and large_matmul_share(jaxpr) >= LARGE_MATMUL_SHARE:
         chosen = CPU_LARGE_MATMUL_OPTIONS
     else:
         return None

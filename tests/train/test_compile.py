@@ -18,6 +18,7 @@ from nnlib.train.compile import (
     CPU_LARGE_MATMUL_OPTIONS,
     LARGE_MATMUL_SHARE,
     LARGE_MATMUL_SIZE,
+    _X86_64,
     _backend_accepts,
     has_convolution,
     large_matmul_share,
@@ -190,6 +191,7 @@ def test_large_matmul_share_counts_flops_scan_trips_and_skips_batched_products()
     assert large_matmul_share(dense_grad) == 1.0
 
 
+@pytest.mark.skipif(not _X86_64, reason="oneDNN matmuls are chosen on x86-64 only")
 def test_compiler_options_choose_onednn_for_large_matmul_programs(monkeypatch):
     large = jax.jit(lambda x, w: jnp.tanh(x @ w)).trace(_sds(LARGE_MATMUL_SIZE, 32),
                                                          _sds(32, 32)).jaxpr
@@ -206,6 +208,7 @@ def test_compiler_options_choose_onednn_for_large_matmul_programs(monkeypatch):
     assert compiler_options(large) is None
 
 
+@pytest.mark.skipif(not _X86_64, reason="oneDNN matmuls are chosen on x86-64 only")
 def test_large_matmuls_compile_to_onednn_and_match_jax_jit():
     """What the option does: the plain matmuls of a large-matmul program leave
     YNNPACK for oneDNN; results agree with jax.jit's to float32 rounding."""
@@ -224,6 +227,7 @@ def test_large_matmuls_compile_to_onednn_and_match_jax_jit():
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.skipif(not _X86_64, reason="oneDNN matmuls are chosen on x86-64 only")
 def test_large_matmul_gpt_step_trains_like_jax_jit():
     """A GPT train step over 2048 tokens (oneDNN matmuls forward and backward)
     gives jax.jit's (YNNPACK) losses and parameters to float32 rounding."""
