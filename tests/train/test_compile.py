@@ -14,11 +14,11 @@ from nnlib.compress import compile_fn
 from nnlib.models import CNN, MLPClassifier
 from nnlib.train import TrainState, compiler_options, jit, make_optimizer, make_train_step
 from nnlib.train.compile import (
+    _X86_64,
     CPU_CONV_OPTIONS,
     CPU_LARGE_MATMUL_OPTIONS,
     LARGE_MATMUL_SHARE,
     LARGE_MATMUL_SIZE,
-    _X86_64,
     _backend_accepts,
     has_convolution,
     large_matmul_share,
