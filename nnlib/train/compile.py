@@ -105,13 +105,18 @@ def has_convolution(jaxpr: Any) -> bool:
 def _backend_accepts(options: tuple[tuple[str, str], ...]) -> bool:
     """Whether this jaxlib's compiler takes the options (they are experimental)
     and still computes a small matmul program right with them."""
-    a = jnp.arange(64 * 32, dtype=jnp.float32).reshape(64, 32) / 1024
-    b = jnp.arange(32 * 16, dtype=jnp.float32).reshape(32, 16) / 512
-    try:
-        got = jax.jit(lambda a, b: jnp.tanh(a @ b).sum(0), compiler_options=dict(options))(a, b)
-    except Exception:  # an unknown flag or enum value: older/newer jaxlib
-        return False
-    return bool(jnp.allclose(got, jnp.tanh(a @ b).sum(0), rtol=1e-5))
+    # Evaluated now even when the first call comes from inside another trace
+    # (an nnlib.train.jit function called in a jax.jit), so the cached answer
+    # is about the compiler, never about tracing.
+    with jax.ensure_compile_time_eval():
+        a = jnp.arange(64 * 32, dtype=jnp.float32).reshape(64, 32) / 1024
+        b = jnp.arange(32 * 16, dtype=jnp.float32).reshape(32, 16) / 512
+        try:
+            got = jax.jit(lambda a, b: jnp.tanh(a @ b).sum(0),
+                          compiler_options=dict(options))(a, b)
+        except Exception:  # an unknown flag or enum value: older/newer jaxlib
+            return False
+        return bool(jnp.allclose(got, jnp.tanh(a @ b).sum(0), rtol=1e-5))
 
 
 def _matmuls(jaxpr: Any, trips: int = 1) -> Iterator[tuple[int, int, int, int, int]]:
@@ -196,6 +201,11 @@ class _Jit:
         return self._jitted
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
+            # Called inside another transformation (jit, vmap, grad): the
+            # program that finally compiles is the outer one, and JAX takes
+            # compiler options only on a top-level jit.
+            return jax.jit(self.fun, **self.kwargs)(*args, **kwargs)
         return self._resolve(*args, **kwargs)(*args, **kwargs)
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:

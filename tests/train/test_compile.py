@@ -252,3 +252,25 @@ def test_large_matmul_gpt_step_trains_like_jax_jit():
     for a, b in zip(jax.tree.leaves(states[0].params), jax.tree.leaves(states[1].params),
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_jit_inside_other_transformations_takes_no_options():
+    """Called inside jax.jit/vmap/grad, nnlib.train.jit is plain jax.jit (JAX takes
+    compiler options on top-level jits only) and leaves the choice for later
+    top-level calls intact."""
+    x, w = jnp.ones((LARGE_MATMUL_SIZE, 8)), jnp.full((8, 4), 0.5)
+    conv_grad = jit(lambda x, w: jnp.sum(conv(x, w) ** 2))
+    matmul = jit(lambda x, w: jnp.tanh(x @ w).sum())
+    ref = jnp.tanh(x @ w).sum()
+    np.testing.assert_allclose(jax.jit(lambda x, w: matmul(x, w) + 1)(x, w), ref + 1, rtol=1e-4)
+    np.testing.assert_allclose(jax.grad(matmul, argnums=1)(x, w),
+                               jax.grad(lambda w: jnp.tanh(x @ w).sum())(w), rtol=1e-4)
+    np.testing.assert_allclose(jax.vmap(matmul, in_axes=(None, 0))(x, jnp.stack([w, w])),
+                               jnp.stack([ref, ref]), rtol=1e-4)
+    jax.jit(jax.grad(conv_grad, argnums=1))(X, W)
+    assert matmul.options is None and conv_grad.options is None
+    np.testing.assert_allclose(matmul(x, w), ref, rtol=1e-4)
+    conv_grad(X, W)
+    assert conv_grad.options == CPU_CONV_OPTIONS
+    if _X86_64:
+        assert matmul.options == CPU_LARGE_MATMUL_OPTIONS
