@@ -27,8 +27,8 @@ gradients over 4096 rows up to 1.3x). ``compiler_options`` therefore sends a
 convolution-free x86-64 CPU program's plain matmuls to oneDNN
 (``CPU_LARGE_MATMUL_OPTIONS``; reductions and the matmuls fused with them stay
 in YNNPACK) when at least ``LARGE_MATMUL_SHARE`` of its matmul FLOPs are in
-products with ``LARGE_MATMUL_SIZE`` rows or more, or contracting over that many
-(``large_matmul_share``). Measured on the benchmark: MiniLM inference 660 ->
+products with ``LARGE_MATMUL_SIZE`` rows or more, or kernel gradients summed
+over that many rows (``large_matmul_share``). Measured on the benchmark: MiniLM inference 660 ->
 630 ms, the GPT train step at batch 64 (4096 tokens) 4.89 -> 5.22 steps/s;
 the MLP (256 rows) would fall 167 -> 114 steps/s and the LSTM (32-row products
 in its loop) 25.9 -> 20.0, and keep YNNPACK by the rule.
@@ -73,9 +73,9 @@ CPU_LARGE_MATMUL_OPTIONS: dict[str, str] = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
 }
 
-#: A matmul is "large" when its rows or its contraction reach this size (the
-#: tokens of a batch: ``[tokens, in] @ [in, out]`` forward, ``x^T @ dy`` over the
-#: tokens for the kernel's gradient).
+#: A matmul is "large" when its rows reach this size, or its contraction over
+#: the left operand's leading axis does (the tokens of a batch: ``[tokens, in]
+#: @ [in, out]`` forward, ``x^T @ dy`` over the tokens for a kernel's gradient).
 LARGE_MATMUL_SIZE = 2048
 
 #: The share of matmul FLOPs in large matmuls above which oneDNN is chosen.
@@ -119,8 +119,10 @@ def _backend_accepts(options: tuple[tuple[str, str], ...]) -> bool:
         return bool(jnp.allclose(got, jnp.tanh(a @ b).sum(0), rtol=1e-5))
 
 
-def _matmuls(jaxpr: Any, trips: int = 1) -> Iterator[tuple[int, int, int, int, int]]:
-    """``(batch, rows, contraction, cols, times run)`` of every ``dot_general``.
+def _matmuls(jaxpr: Any, trips: int = 1) -> Iterator[tuple[int, int, int, int, bool, int]]:
+    """``(batch, rows, contraction, cols, lhs_leading, times run)`` of every
+    ``dot_general``; ``lhs_leading``: the left operand contracts leading axes
+    (``x^T @ dy`` as JAX writes a kernel's gradient).
 
     A ``scan`` body runs ``length`` times; other nested jaxprs (``while``,
     ``cond`` branches, ``custom_vjp`` rules, ...) are counted once each.
@@ -133,7 +135,9 @@ def _matmuls(jaxpr: Any, trips: int = 1) -> Iterator[tuple[int, int, int, int, i
             size = lambda shape, axes: math.prod(shape[a] for a in axes)
             lfree = [a for a in range(len(lhs)) if a not in (*lc, *lb)]
             rfree = [a for a in range(len(rhs)) if a not in (*rc, *rb)]
-            yield size(lhs, lb), size(lhs, lfree), size(lhs, lc), size(rhs, rfree), trips
+            leading = bool(lfree) and min(lfree) > max(lc, default=-1)
+            yield (size(lhs, lb), size(lhs, lfree), size(lhs, lc), size(rhs, rfree), leading,
+                   trips)
         inner = trips * eqn.params["length"] if eqn.primitive.name == "scan" else trips
         for sub in jex_core.jaxprs_in_params(eqn.params):
             yield from _matmuls(sub, inner)
@@ -142,17 +146,21 @@ def _matmuls(jaxpr: Any, trips: int = 1) -> Iterator[tuple[int, int, int, int, i
 def large_matmul_share(jaxpr: Any) -> float:
     """The share of a program's unbatched matmul FLOPs in large matmuls.
 
-    Large: rows or contraction ``>= LARGE_MATMUL_SIZE``. Batched products
-    (attention, ``vmap``) are left out: XLA:CPU keeps them in YNNPACK either
-    way. Returns 0 for a program without unbatched matmuls.
+    Large: ``>= LARGE_MATMUL_SIZE`` rows, or a contraction that long over the
+    left operand's leading axis (a kernel gradient summed over the tokens).
+    A long contraction over the trailing axis with few rows (``[256, 4096] @
+    [4096, 1024]``, a wide layer at a small batch) is not: oneDNN ran those at
+    0.4-0.6x YNNPACK's speed here. Batched products (attention, ``vmap``) are
+    left out: XLA:CPU keeps them in YNNPACK either way. Returns 0 for a program
+    without unbatched matmuls.
     """
     total = large = 0
-    for batch, rows, contraction, cols, trips in _matmuls(jaxpr):
+    for batch, rows, contraction, cols, lhs_leading, trips in _matmuls(jaxpr):
         if batch != 1:
             continue
         flops = rows * contraction * cols * trips
         total += flops
-        if max(rows, contraction) >= LARGE_MATMUL_SIZE:
+        if rows >= LARGE_MATMUL_SIZE or (lhs_leading and contraction >= LARGE_MATMUL_SIZE):
             large += flops
     return large / total if total else 0.0
 

@@ -170,9 +170,14 @@ def test_large_matmul_share_counts_flops_scan_trips_and_skips_batched_products()
     two = jax.jit(lambda a, b, w: (a @ w, b @ w)).trace(
         _sds(big, 8), _sds(small, 8), _sds(8, 16)).jaxpr
     assert large_matmul_share(two) == pytest.approx(big / (big + small))
-    # Large by its contraction: x^T @ dy over `big` rows (a kernel's gradient).
-    grad_like = jax.jit(lambda x, dy: x.T @ dy).trace(_sds(big, 8), _sds(big, 16)).jaxpr
+    # Large by its contraction over the left operand's leading axis: x^T @ dy
+    # over `big` rows, as JAX writes a kernel's gradient.
+    kernel_grad = lambda x, dy: lax.dot_general(x, dy, (((0,), (0,)), ((), ())))
+    grad_like = jax.jit(kernel_grad).trace(_sds(big, 8), _sds(big, 16)).jaxpr
     assert large_matmul_share(grad_like) == 1.0
+    # A long trailing contraction with few rows (a wide layer, small batch) is not.
+    wide = jax.jit(lambda x, w: x @ w).trace(_sds(small, big), _sds(big, 16)).jaxpr
+    assert large_matmul_share(wide) == 0.0
     # A scan body counts once per step: 10 small products against one large.
     def looped(h, w, a):
         h = lax.scan(lambda h, _: (jnp.tanh(h @ w), None), h, None, length=10)[0]
