@@ -22,16 +22,16 @@ Matmuls are the other choice. YNNPACK is the fastest of XLA:CPU's matmul
 libraries for the small products of a 256-row batch or a recurrent loop, but
 on products over thousands of rows (a transformer's tokens) the oneDNN matmul
 that jaxlib also carries runs at the CPU's matmul peak where YNNPACK falls
-10-30 % short (``[4096, 384] @ [384, 1536]``: 154 vs 182 GFLOP/s; kernel
-gradients over 4096 rows up to 1.3x). ``compiler_options`` therefore sends a
-convolution-free x86-64 CPU program's plain matmuls to oneDNN
-(``CPU_LARGE_MATMUL_OPTIONS``; reductions and the matmuls fused with them stay
-in YNNPACK) when at least ``LARGE_MATMUL_SHARE`` of its matmul FLOPs are in
-products with ``LARGE_MATMUL_SIZE`` rows or more, or kernel gradients summed
-over that many rows (``large_matmul_share``). Measured on the benchmark: MiniLM inference 660 ->
-630 ms, the GPT train step at batch 64 (4096 tokens) 4.89 -> 5.22 steps/s;
-the MLP (256 rows) would fall 167 -> 114 steps/s and the LSTM (32-row products
-in its loop) 25.9 -> 20.0, and keep YNNPACK by the rule.
+10-30 % short (``[4096, 384] @ [384, 1536]``: 154 vs 182 GFLOP/s).
+``compiler_options`` therefore sends a convolution-free x86-64 CPU program's
+plain matmuls to oneDNN (``CPU_LARGE_MATMUL_OPTIONS``; reductions and the
+matmuls fused with them stay in YNNPACK) when at least ``LARGE_MATMUL_SHARE``
+of its matmul FLOPs are in products with ``LARGE_MATMUL_SIZE`` rows or more
+(``large_matmul_share``): inference over large batches, MiniLM's 660 -> 630 ms.
+Train steps keep XLA's defaults: their kernel gradients went slower in oneDNN
+(an MLP step at batch 2048: 23.5 -> 20.3 steps/s), even where the whole step
+gained (a GPT over 4096 tokens: 4.89 -> 5.22), and the rule does not try to
+tell those apart. Small products lose most (an MLP at batch 256: 167 -> 114).
 
 Usage::
 
@@ -73,9 +73,8 @@ CPU_LARGE_MATMUL_OPTIONS: dict[str, str] = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
 }
 
-#: A matmul is "large" when its rows reach this size, or its contraction over
-#: the left operand's leading axis does (the tokens of a batch: ``[tokens, in]
-#: @ [in, out]`` forward, ``x^T @ dy`` over the tokens for a kernel's gradient).
+#: A matmul is "large" when its rows reach this size (the tokens of a batch in
+#: ``[tokens, in] @ [in, out]``).
 LARGE_MATMUL_SIZE = 2048
 
 #: The share of matmul FLOPs in large matmuls above which oneDNN is chosen.
@@ -146,21 +145,22 @@ def _matmuls(jaxpr: Any, trips: int = 1) -> Iterator[tuple[int, int, int, int, b
 def large_matmul_share(jaxpr: Any) -> float:
     """The share of a program's unbatched matmul FLOPs in large matmuls.
 
-    Large: ``>= LARGE_MATMUL_SIZE`` rows, or a contraction that long over the
-    left operand's leading axis (a kernel gradient summed over the tokens).
-    A long contraction over the trailing axis with few rows (``[256, 4096] @
-    [4096, 1024]``, a wide layer at a small batch) is not: oneDNN ran those at
-    0.4-0.6x YNNPACK's speed here. Batched products (attention, ``vmap``) are
-    left out: XLA:CPU keeps them in YNNPACK either way. Returns 0 for a program
-    without unbatched matmuls.
+    Large: ``>= LARGE_MATMUL_SIZE`` rows (the left operand's free axes), e.g.
+    the tokens of a transformer's batch. A train step keeps about a third of
+    its FLOPs in kernel gradients, whose rows are the layer's input features
+    (``x^T @ dy`` contracts the tokens), so its share stays near 2/3: oneDNN
+    ran those gradients slower than XLA's defaults, which overlap them with the
+    rest of the backward pass (an MLP step at batch 2048: -14 %). Batched
+    products (attention, ``vmap``) are left out: XLA:CPU keeps them in YNNPACK
+    either way. Returns 0 for a program without unbatched matmuls.
     """
     total = large = 0
-    for batch, rows, contraction, cols, lhs_leading, trips in _matmuls(jaxpr):
+    for batch, rows, contraction, cols, _, trips in _matmuls(jaxpr):
         if batch != 1:
             continue
         flops = rows * contraction * cols * trips
         total += flops
-        if rows >= LARGE_MATMUL_SIZE or (lhs_leading and contraction >= LARGE_MATMUL_SIZE):
+        if rows >= LARGE_MATMUL_SIZE:
             large += flops
     return large / total if total else 0.0
 
