@@ -199,6 +199,7 @@ class _Jit:
         self.kwargs = kwargs
         self.options: dict[str, str] | None = None
         self._jitted: Any = None
+        self._plain_jitted: Any = None
         functools.update_wrapper(self, fun)
 
     def _resolve(self, *args: Any, **kwargs: Any) -> Any:
@@ -208,13 +209,30 @@ class _Jit:
             self._jitted = jax.jit(self.fun, **self.kwargs, compiler_options=self.options)
         return self._jitted
 
+    def _plain(self) -> Any:
+        if self._plain_jitted is None:
+            self._plain_jitted = jax.jit(self.fun, **self.kwargs)
+        return self._plain_jitted
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
-            # Called inside another transformation (jit, vmap, grad): the
-            # program that finally compiles is the outer one, and JAX takes
-            # compiler options only on a top-level jit.
-            return jax.jit(self.fun, **self.kwargs)(*args, **kwargs)
-        return self._resolve(*args, **kwargs)(*args, **kwargs)
+        # Inside another transformation (jit, vmap, grad) the program that
+        # finally compiles is the outer one, and JAX takes compiler options only
+        # on a top-level jit: such calls are plain jax.jit. The first call
+        # looks for tracers (options are chosen on a top-level call only);
+        # later calls go straight to the compiled function and fall back when
+        # JAX refuses nested options, so the common path costs nothing extra.
+        if self._jitted is None and any(
+                isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
+            return self._plain()(*args, **kwargs)
+        jitted = self._resolve(*args, **kwargs)
+        if self.options is None:
+            return jitted(*args, **kwargs)
+        try:
+            return jitted(*args, **kwargs)
+        except ValueError as error:
+            if "compiler_options" not in str(error):
+                raise
+            return self._plain()(*args, **kwargs)
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
         return self._resolve(*args, **kwargs).lower(*args, **kwargs)
