@@ -356,10 +356,14 @@ def _deferred_softmax_attention(
     outputs = _weighted_values(unnormalised, value, out_dtype, denominator)  # [B, q, H, d]
     if mask is not None:
         # A row with every key masked would otherwise average all the values.
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-        any_key = jnp.swapaxes(mask.any(axis=-1), 1, 2)[..., None]  # [B|1, q|1, H|1, 1]
-        outputs = jnp.where(any_key, outputs, jnp.zeros((), outputs.dtype))
+        outputs = jnp.where(_query_sees_a_key(mask), outputs, jnp.zeros((), outputs.dtype))
     return outputs
+
+
+def _query_sees_a_key(mask: Array) -> Array:
+    """``[B|1, q|1, H|1, 1]``: whether each query may attend to any key, laid out
+    like the ``[B, q, H, d]`` outputs (``mask``: rank 4, ``[B|1, H|1, q|1, kv]``)."""
+    return jnp.swapaxes(mask.any(axis=-1), 1, 2)[..., None]
 
 
 def _jax_attention(query: Array, key: Array, value: Array, mask: Array | None) -> Array:
@@ -373,8 +377,7 @@ def _jax_attention(query: Array, key: Array, value: Array, mask: Array | None) -
     )  # [B, 1 or H, q, kv]
     outputs = jax.nn.dot_product_attention(query, key, value, mask=mask)
     # JAX averages all values for a fully masked row; we return zeros instead.
-    any_key = jnp.transpose(mask.any(axis=-1), (0, 2, 1))[..., None]  # [B, q, 1|H, 1]
-    return jnp.where(any_key, outputs, jnp.zeros((), outputs.dtype))
+    return jnp.where(_query_sees_a_key(mask), outputs, jnp.zeros((), outputs.dtype))
 
 
 # --------------------------------------------------------------------------- #

@@ -118,10 +118,8 @@ def _backend_accepts(options: tuple[tuple[str, str], ...]) -> bool:
         return bool(jnp.allclose(got, jnp.tanh(a @ b).sum(0), rtol=1e-5))
 
 
-def _matmuls(jaxpr: Any, trips: int = 1) -> Iterator[tuple[int, int, int, int, bool, int]]:
-    """``(batch, rows, contraction, cols, lhs_leading, times run)`` of every
-    ``dot_general``; ``lhs_leading``: the left operand contracts leading axes
-    (``x^T @ dy`` as JAX writes a kernel's gradient).
+def _matmuls(jaxpr: Any, trips: int = 1) -> Iterator[tuple[int, int, int, int, int]]:
+    """``(batch, rows, contraction, cols, times run)`` of every ``dot_general``.
 
     A ``scan`` body runs ``length`` times; other nested jaxprs (``while``,
     ``cond`` branches, ``custom_vjp`` rules, ...) are counted once each.
@@ -134,9 +132,7 @@ def _matmuls(jaxpr: Any, trips: int = 1) -> Iterator[tuple[int, int, int, int, b
             size = lambda shape, axes: math.prod(shape[a] for a in axes)
             lfree = [a for a in range(len(lhs)) if a not in (*lc, *lb)]
             rfree = [a for a in range(len(rhs)) if a not in (*rc, *rb)]
-            leading = bool(lfree) and min(lfree) > max(lc, default=-1)
-            yield (size(lhs, lb), size(lhs, lfree), size(lhs, lc), size(rhs, rfree), leading,
-                   trips)
+            yield size(lhs, lb), size(lhs, lfree), size(lhs, lc), size(rhs, rfree), trips
         inner = trips * eqn.params["length"] if eqn.primitive.name == "scan" else trips
         for sub in jex_core.jaxprs_in_params(eqn.params):
             yield from _matmuls(sub, inner)
@@ -155,7 +151,7 @@ def large_matmul_share(jaxpr: Any) -> float:
     either way. Returns 0 for a program without unbatched matmuls.
     """
     total = large = 0
-    for batch, rows, contraction, cols, _, trips in _matmuls(jaxpr):
+    for batch, rows, contraction, cols, trips in _matmuls(jaxpr):
         if batch != 1:
             continue
         flops = rows * contraction * cols * trips
@@ -224,11 +220,8 @@ class _Jit:
         if self._jitted is None and any(
                 isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
             return self._plain()(*args, **kwargs)
-        jitted = self._resolve(*args, **kwargs)
-        if self.options is None:
-            return jitted(*args, **kwargs)
         try:
-            return jitted(*args, **kwargs)
+            return self._resolve(*args, **kwargs)(*args, **kwargs)
         except ValueError as error:
             if "compiler_options" not in str(error):
                 raise

@@ -269,12 +269,17 @@ def test_jit_inside_other_transformations_takes_no_options():
     conv_grad = jit(lambda x, w: jnp.sum(conv(x, w) ** 2))
     matmul = jit(lambda x, w: jnp.tanh(x @ w).sum())
     ref = jnp.tanh(x @ w).sum()
-    np.testing.assert_allclose(jax.jit(lambda x, w: matmul(x, w) + 1)(x, w), ref + 1, rtol=1e-4)
-    np.testing.assert_allclose(jax.grad(matmul, argnums=1)(x, w),
-                               jax.grad(lambda w: jnp.tanh(x @ w).sum())(w), rtol=1e-4)
-    np.testing.assert_allclose(jax.vmap(matmul, in_axes=(None, 0))(x, jnp.stack([w, w])),
-                               jnp.stack([ref, ref]), rtol=1e-4)
-    jax.jit(jax.grad(conv_grad, argnums=1))(X, W)
+
+    def call_inside_transformations():
+        np.testing.assert_allclose(jax.jit(lambda x, w: matmul(x, w) + 1)(x, w), ref + 1,
+                                   rtol=1e-4)
+        np.testing.assert_allclose(jax.grad(matmul, argnums=1)(x, w),
+                                   jax.grad(lambda w: jnp.tanh(x @ w).sum())(w), rtol=1e-4)
+        np.testing.assert_allclose(jax.vmap(matmul, in_axes=(None, 0))(x, jnp.stack([w, w])),
+                                   jnp.stack([ref, ref]), rtol=1e-4)
+        jax.jit(jax.grad(conv_grad, argnums=1))(X, W)
+
+    call_inside_transformations()
     assert matmul.options is None and conv_grad.options is None
     np.testing.assert_allclose(matmul(x, w), ref, rtol=1e-4)
     conv_grad(X, W)
@@ -282,9 +287,4 @@ def test_jit_inside_other_transformations_takes_no_options():
     if _X86_64:
         assert matmul.options == CPU_LARGE_MATMUL_OPTIONS
     # Once chosen, calls inside other transformations still work.
-    np.testing.assert_allclose(jax.jit(lambda x, w: matmul(x, w) + 1)(x, w), ref + 1, rtol=1e-4)
-    np.testing.assert_allclose(jax.grad(matmul, argnums=1)(x, w),
-                               jax.grad(lambda w: jnp.tanh(x @ w).sum())(w), rtol=1e-4)
-    np.testing.assert_allclose(jax.vmap(matmul, in_axes=(None, 0))(x, jnp.stack([w, w])),
-                               jnp.stack([ref, ref]), rtol=1e-4)
-    jax.jit(jax.grad(conv_grad, argnums=1))(X, W)
+    call_inside_transformations()
