@@ -25,6 +25,26 @@ def _statistics_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
 
 
+def _feature_mean(x: Array) -> Array:
+    """``mean(x, axis=-1, keepdims=True)``; on CPU the sum is a matrix-vector product.
+
+    XLA:CPU hands a row reduction to its matmul library together with the
+    matmul that produces the reduced rows (a transformer's attention-output and
+    FFN-output products, whose result LayerNorm reads), and that fused call runs
+    the product ~15 % below the matmul alone. Summing by ``x @ ones`` keeps the
+    two apart: MiniLM inference 624 -> 590 ms, GPT (batch 12) train step
+    24.7 -> 26.0 steps/s. Only the mean: the variance as a product measured no
+    gain. The product is exact summation in the same dtype (``HIGHEST``
+    precision, float rounding of the order of summation aside); other backends
+    keep ``jnp.mean``.
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.mean(x, axis=-1, keepdims=True)
+    ones = jnp.ones((x.shape[-1], 1), x.dtype)
+    total = jnp.matmul(x, ones, precision=jax.lax.Precision.HIGHEST)
+    return total / jnp.asarray(x.shape[-1], x.dtype)
+
+
 class LayerNorm(nn.Module):
     """``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` over the last axis.
 
@@ -53,7 +73,7 @@ class LayerNorm(nn.Module):
         # Statistics in float32 even for half-precision inputs: the variance of
         # bf16 activations loses most of its digits otherwise.
         x32 = x.astype(_statistics_dtype(x.dtype))
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        mean = _feature_mean(x32)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
         if self.use_scale:

@@ -174,3 +174,30 @@ def test_normalization_bad_inputs():
         bn.apply(vb, jnp.ones((4,)))
     with pytest.raises(ShapeError, match=r"BatchNorm expected inputs .*features=4, got shape \(2, 3\)"):
         bn.apply(vb, jnp.ones((2, 3)))
+
+
+# ----------------------------------------------------------------------------
+# the feature mean as a matrix-vector product (CPU)
+# ----------------------------------------------------------------------------
+
+
+def test_feature_mean_matches_numpy_and_is_a_product_on_cpu():
+    """``_feature_mean`` is the row mean (to float rounding), its gradient checks
+    against finite differences, and on CPU LayerNorm's mean is a dot_general
+    (the form that keeps XLA:CPU from fusing the row sum into the preceding
+    matmul's library call)."""
+    from nnlib.layers.normalization import _feature_mean
+
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(5, 7, 384)).astype(np.float32)
+    np.testing.assert_allclose(_feature_mean(jnp.asarray(x)), x.mean(-1, keepdims=True),
+                               rtol=1e-6, atol=1e-6)
+    with jax.enable_x64(True):
+        x64 = jnp.asarray(x, jnp.float64)
+        np.testing.assert_allclose(_feature_mean(x64), x.astype(np.float64).mean(-1, keepdims=True),
+                                   rtol=1e-14)
+        check_grads(_feature_mean, (x64[:2, :3, :8],), order=2, modes=("fwd", "rev"))
+    if jax.default_backend() == "cpu":
+        ln = LayerNorm()
+        variables = ln.init(jax.random.key(0), x)
+        jaxpr = str(jax.make_jaxpr(ln.apply)(variables, x))
+        assert "dot_general" in jaxpr
