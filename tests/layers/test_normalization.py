@@ -201,3 +201,14 @@ def test_feature_mean_matches_numpy_and_is_a_product_on_cpu():
         variables = ln.init(jax.random.key(0), x)
         jaxpr = str(jax.make_jaxpr(ln.apply)(variables, x))
         assert "dot_general" in jaxpr
+
+
+def test_feature_mean_on_accelerators_is_a_reduction(monkeypatch):
+    """Off the CPU the mean stays ``jnp.mean`` (a reduction, no product)."""
+    from nnlib.layers.normalization import _feature_mean
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 16)), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(_feature_mean)(x))
+    assert "reduce_sum" in jaxpr and "dot_general" not in jaxpr
+    np.testing.assert_allclose(_feature_mean(x), np.asarray(x).mean(-1, keepdims=True), rtol=1e-6)
