@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from nnlib.layers import BatchNorm, Dropout, LayerNorm, ShapeError, dropout
+from nnlib.layers.normalization import _feature_mean
 
 KEY = jax.random.key(0)
 
@@ -186,8 +187,6 @@ def test_feature_mean_matches_numpy_and_is_a_product_on_cpu():
     against finite differences, and on CPU LayerNorm's mean is a dot_general
     (the form that keeps XLA:CPU from fusing the row sum into the preceding
     matmul's library call)."""
-    from nnlib.layers.normalization import _feature_mean
-
     x = np.random.default_rng(0).normal(3.0, 2.0, size=(5, 7, 384)).astype(np.float32)
     np.testing.assert_allclose(_feature_mean(jnp.asarray(x)), x.mean(-1, keepdims=True),
                                rtol=1e-6, atol=1e-6)
@@ -205,8 +204,6 @@ def test_feature_mean_matches_numpy_and_is_a_product_on_cpu():
 
 def test_feature_mean_on_accelerators_is_a_reduction(monkeypatch):
     """Off the CPU the mean stays ``jnp.mean`` (a reduction, no product)."""
-    from nnlib.layers.normalization import _feature_mean
-
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 16)), jnp.float32)
     jaxpr = str(jax.make_jaxpr(_feature_mean)(x))
