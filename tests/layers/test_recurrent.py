@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.extend import core as jex_core
 from jax.test_util import check_grads
 
 from nnlib.layers._checks import ShapeError
@@ -558,11 +559,12 @@ def test_jit_and_vmap_match_eager(data):
 # ----------------------------------------------------------------------------
 
 
-def _fused_and_plain_losses(kind, reverse, use_mask):
+def _fused_and_plain_losses(kind, reverse, use_mask, features_first=None):
     mask = jnp.array([[True, True, False, True], [False, True, True, True]])
 
     def make(fused):
-        model = RNN(make_cell(kind, 3), reverse=reverse, fused=fused)
+        model = RNN(make_cell(kind, 3), reverse=reverse, fused=fused,
+                    features_first=features_first)
 
         def loss(params, x, carry):
             final, out = model.apply(params, x, mask=mask if use_mask else None,
@@ -588,10 +590,12 @@ def _float64_inputs(kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("use_mask", [False, True])
-def test_fused_equals_plain_scan(kind, reverse, use_mask):
-    """Values and gradients (params, inputs, initial carry) agree to float64 rounding."""
+@pytest.mark.parametrize("features_first", [True, False])
+def test_fused_equals_plain_scan(kind, reverse, use_mask, features_first):
+    """Values and gradients (params, inputs, initial carry) agree to float64 rounding,
+    with the per-step arrays laid out features first or batch first."""
     with jax.enable_x64(True):
-        fused, plain = _fused_and_plain_losses(kind, reverse, use_mask)
+        fused, plain = _fused_and_plain_losses(kind, reverse, use_mask, features_first)
         args = _float64_inputs(kind)
         value_f, grads_f = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(*args)
         value_p, grads_p = jax.jit(jax.value_and_grad(plain, argnums=(0, 1, 2)))(*args)
@@ -632,15 +636,15 @@ def test_fused_per_example_gradients_under_vmap():
                           grad(params, xs[i], carry), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused,features_first", [(True, True), (True, False), (False, None)])
 @pytest.mark.parametrize("given_carry", [False, True])
-def test_rnn_inside_shard_map(fused, given_carry):
+def test_rnn_inside_shard_map(fused, features_first, given_carry):
     """Data-parallel training runs the layer inside ``jax.shard_map``, where the
     batch varies per device and the weights and a zero (or given) initial carry
     do not. Values and weight gradients equal the layer outside it. The type
     check is static, so a one-device mesh shows it."""
     mesh = jax.make_mesh((1,), ("data",))
-    model = RNN(make_cell("lstm", 3), fused=fused)
+    model = RNN(make_cell("lstm", 3), fused=fused, features_first=features_first)
     params = rnn_params(random_params("lstm", 2, 3))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 2)), jnp.float32)
     mask = jnp.array([[True, True, False, True], [False, True, True, True]])
@@ -659,6 +663,69 @@ def test_rnn_inside_shard_map(fused, given_carry):
     want = jax.value_and_grad(loss)(params, x, mask)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     assert_tree_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
+def _recurrent_product_shapes(model, x):
+    """Output shapes of the products inside the scan's loop (the recurrent matmul)."""
+    params = model.init(jax.random.key(0), x)
+    jaxpr = jax.make_jaxpr(lambda p: model.apply(p, x))(params).jaxpr
+    return [tuple(eqn.outvars[0].aval.shape) for eqn in _eqns(jaxpr, in_scan=False)
+            if eqn.primitive.name == "dot_general"]
+
+
+def _eqns(jaxpr, in_scan):
+    """The equations of ``jaxpr`` and its sub-jaxprs that run inside a scan."""
+    for eqn in jaxpr.eqns:
+        if in_scan:
+            yield eqn
+        for sub in jex_core.jaxprs_in_params(eqn.params):
+            yield from _eqns(sub, in_scan or eqn.primitive.name == "scan")
+
+
+def test_features_first_default_rule(monkeypatch):
+    """``features_first=None`` lays the loop out [features, batch] (the recurrent
+    product [G*H, B]) only on the CPU, for a SimpleRNN or LSTM, a batch of at
+    most ``FEATURES_FIRST_MAX_BATCH`` and a hidden size of at least
+    ``FEATURES_FIRST_MIN_HIDDEN``; otherwise [B, G*H]."""
+    import nnlib.layers.recurrent as recurrent
+
+    monkeypatch.setattr(recurrent, "FEATURES_FIRST_MAX_BATCH", 2)
+    monkeypatch.setattr(recurrent, "FEATURES_FIRST_MIN_HIDDEN", 5)
+    x = jnp.ones((2, 4, 3))
+    assert _recurrent_product_shapes(RNN(LSTMCell(5)), x) == [(20, 2)]
+    assert _recurrent_product_shapes(RNN(SimpleRNNCell(5)), x) == [(5, 2)]
+    assert _recurrent_product_shapes(RNN(GRUCell(5)), x) == [(2, 15)]
+    assert _recurrent_product_shapes(RNN(LSTMCell(4)), x) == [(2, 16)]
+    assert _recurrent_product_shapes(RNN(LSTMCell(5)), jnp.ones((3, 4, 3))) == [(3, 20)]
+    assert _recurrent_product_shapes(RNN(LSTMCell(5), features_first=False), x) == [(2, 20)]
+    assert _recurrent_product_shapes(RNN(GRUCell(5), features_first=True), x) == [(15, 2)]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _recurrent_product_shapes(RNN(LSTMCell(5)), x) == [(2, 20)]
+
+
+def test_cell_update_without_axis_runs_batch_first():
+    """A user cell whose update function takes no ``axis=`` keeps the fused
+    batch-first recurrence, and equals the plain scan."""
+
+    class HalfStepCell(SimpleRNNCell):
+        @nn.nowrap
+        def update_fn(self):
+            def update(h, projected, recurrent):
+                h = 0.5 * h + 0.5 * jnp.tanh(projected + recurrent)
+                return h, h
+            return update
+
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, 3)), jnp.float32)
+    fused, plain = RNN(HalfStepCell(4)), RNN(HalfStepCell(4), fused=False)
+    assert _recurrent_product_shapes(fused, x) == [(2, 4)]
+    params = fused.init(jax.random.key(0), x)
+
+    def loss(model):
+        return lambda p: jnp.sum(jnp.sin(model.apply(p, x)[1]))
+
+    assert_tree_close(jax.grad(loss(fused))(params), jax.grad(loss(plain))(params),
+                      rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss(fused)(params), loss(plain)(params), rtol=1e-6)
 
 
 def test_cell_overriding_step_uses_the_plain_scan():
