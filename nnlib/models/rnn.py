@@ -99,8 +99,9 @@ class RNNClassifier(nn.Module):
         (bidirectional: forward state after the last step concatenated with
         the backward state after the first step, PyTorch's ``h_n``);
         ``"mean"`` — the mean of the outputs over the valid steps.
-      unroll: time steps per scan iteration (``jax.lax.scan``'s ``unroll``,
-        default 4); the same function, fewer loop trips (see ``nnlib.layers.RNN``).
+      unroll: time steps per scan iteration (``jax.lax.scan``'s ``unroll``;
+        ``None``: ``nnlib.layers.RNN``'s default); the same function, fewer
+        loop trips.
 
     Parameters: ``layer_{i}/cell`` (unidirectional) or
     ``layer_{i}/forward_cell`` and ``layer_{i}/backward_cell``, then
@@ -118,7 +119,7 @@ class RNNClassifier(nn.Module):
     bidirectional: bool = False
     dropout_rate: float = 0.0
     pooling: str = "last"
-    unroll: int = 4
+    unroll: int | None = None
 
     @nn.compact
     def __call__(
@@ -213,7 +214,7 @@ class RNNLanguageModel(nn.Module):
     num_layers: int = 1
     cell: str = "lstm"
     dropout_rate: float = 0.0
-    unroll: int = 4
+    unroll: int | None = None
 
     @nn.compact
     def __call__(
