@@ -64,11 +64,12 @@ from nnlib.layers.dense import Dense, matmul_last_axis
 from nnlib.layers.initializers import orthogonal
 
 Carry = Any  # one array [*batch, H], or a tuple of them (LSTM: (c, h))
+Initializer = Callable[..., Array]
 
 #: The automatic ``RNN.features_first`` rule's bounds, measured on a 2-core AMD
-#: EPYC (AVX2) with LSTM train steps (time 64, input 32; features-first /
-#: batch-first time): batch 8 / 16 / 32 / 64 / 128 at hidden 256: 0.96 / - /
-#: 0.95 / 1.04 / 1.08; hidden 64 / 128 / 256 / 512 at batch 32: 1.10 / 1.01 /
+#: EPYC (AVX2) with an LSTM layer's value and gradient (time 64, input 32;
+#: features-first / batch-first time): batch 8 / 32 / 64 / 128 at hidden 256: 0.96 / 0.95 /
+#: 1.04 / 1.08; hidden 64 / 128 / 256 / 512 at batch 32: 1.10 / 1.01 /
 #: 0.95 / 0.91; batch 16: hidden 128 1.17, hidden 512 0.87.
 FEATURES_FIRST_MAX_BATCH = 32
 FEATURES_FIRST_MIN_HIDDEN = 256
@@ -80,7 +81,6 @@ def _takes_axis(update: Callable[..., Any]) -> bool:
         return "axis" in inspect.signature(update).parameters
     except (TypeError, ValueError):  # a callable without a signature
         return False
-Initializer = Callable[..., Array]
 
 
 def _check_carry(layer: str, carry: Carry, expected: Carry, layout: str) -> None:
@@ -188,7 +188,10 @@ class RecurrentCell(nn.Module):
         ``projected = x W_in + b_in`` and ``recurrent = h W_rec (+ b_rec)``,
         both ``[*batch, G*H]``; it touches no parameters, which lets ``RNN``
         run the recurrence with a fused backward pass. A cell that overrides
-        ``step`` instead is scanned by plain autodiff.
+        ``step`` instead is scanned by plain autodiff. The function may take
+        a keyword ``axis`` (default ``-1``), the features' axis of every
+        array it gets: ``RNN``'s features-first recurrence calls it with
+        ``axis=0`` on ``[G*H, B]`` and ``[H, B]`` arrays.
         """
         raise NotImplementedError(
             f"{type(self).__name__} defines neither update_fn nor step"
@@ -446,9 +449,10 @@ class RNN(nn.Module):
         the product ``W_rec^T h^T``) when the cell's update function takes
         ``axis=`` (the built-in cells' do). The same math, which XLA:CPU's
         matmul library runs faster for a small batch and a wide layer (the
-        LSTM train step of the CPU benchmark, batch 32, hidden 256: -10 %),
-        and slower otherwise (batch 128: +8 %; hidden 64: +10 %; a GRU,
-        whose two gate-input cotangents need two transposes: +7 %). ``None``
+        LSTM train step of the CPU benchmark, batch 32, hidden 256: 6-11 %
+        less time), and slower otherwise (the layer's value and gradient at
+        batch 128: +8 %; at hidden 64: +10 %; a GRU, whose two gate-input
+        cotangents need two transposes: +7 %). ``None``
         (default): on for a ``sums_gate_inputs`` cell (SimpleRNN, LSTM) on the
         CPU with batch <= ``FEATURES_FIRST_MAX_BATCH`` and hidden >=
         ``FEATURES_FIRST_MIN_HIDDEN``. Inputs, outputs and carries keep their
