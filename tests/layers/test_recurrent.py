@@ -622,13 +622,15 @@ def test_forward_mode_needs_fused_false():
         check_grads(lambda x: plain(params, x, carry), (x,), order=1, modes=("fwd",))
 
 
-def test_fused_per_example_gradients_under_vmap():
+@pytest.mark.parametrize("kind,features_first", [("gru", None), ("lstm", True), ("lstm", False)])
+def test_fused_per_example_gradients_under_vmap(kind, features_first):
     """vmap of grad (per-example gradients) through the fused path equals a loop."""
-    fused, _ = _fused_and_plain_losses("gru", reverse=False, use_mask=False)
-    params = rnn_params(random_params("gru", 2, 3))
+    fused, _ = _fused_and_plain_losses(kind, reverse=False, use_mask=False,
+                                       features_first=features_first)
+    params = rnn_params(random_params(kind, 2, 3))
     rng = np.random.default_rng(2)
     xs = rng.normal(size=(4, 2, 4, 2)).astype(np.float32)
-    carry = make_cell("gru", 3).initialize_carry(2)
+    carry = make_cell(kind, 3).initialize_carry(2)
     grad = jax.grad(fused)
     batched = jax.jit(jax.vmap(grad, in_axes=(None, 0, None)))(params, xs, carry)
     for i in range(len(xs)):
