@@ -705,6 +705,17 @@ def test_features_first_default_rule(monkeypatch):
     assert _recurrent_product_shapes(RNN(LSTMCell(5)), x) == [(2, 20)]
 
 
+def test_takes_axis():
+    """Which update functions the features-first recurrence may call with ``axis=0``."""
+    from nnlib.layers.recurrent import _takes_axis
+
+    assert _takes_axis(LSTMCell(3).update_fn())
+    assert _takes_axis(GRUCell(3).update_fn())
+    assert _takes_axis(SimpleRNNCell(3).update_fn())
+    assert not _takes_axis(lambda carry, projected, recurrent: (carry, carry))
+    assert not _takes_axis(max)  # a callable without a signature
+
+
 def test_cell_update_without_axis_runs_batch_first():
     """A user cell whose update function takes no ``axis=`` keeps the fused
     batch-first recurrence, and equals the plain scan."""
