@@ -6,8 +6,9 @@ context (64), batch (12), steps (2500), optimizer and schedule are the GPT's,
 so the two validation losses compare the architectures; only the peak
 learning rate differs (2e-3 here, a common Adam rate for LSTMs; 1e-3 for the
 GPT, nanoGPT's). Target: report the validation loss next to the GPT's (<= 1.90);
-no threshold of its own. Measured on a shared 2-core CPU: validation loss
-1.62 (perplexity 5.06) after 367 s of training, 6.8 steps/s.
+no threshold of its own. Measured on a quiet 2-core CPU: validation loss
+1.621 (perplexity 5.06) after 177 s of training, 14.3 steps/s (367 s, 6.8
+steps/s, on a loaded machine before ``RNN``'s features-first recurrence).
 
 The corpus path comes from ``--config.data_path`` or the environment variable
 ``NNLIB_TINYSHAKESPEARE``.
