@@ -469,6 +469,20 @@ class RNN(nn.Module):
     fused: bool = True
     features_first: bool | None = None
 
+    @nn.nowrap
+    def _runs_features_first(self, batch: int, update: Callable[..., Any]) -> bool:
+        """The ``features_first`` attribute resolved for this call (see the class docstring)."""
+        if not _takes_axis(update):
+            return False
+        if self.features_first is not None:
+            return self.features_first
+        return (
+            jax.default_backend() == "cpu"
+            and self.cell.sums_gate_inputs
+            and batch <= FEATURES_FIRST_MAX_BATCH
+            and self.cell.hidden_size >= FEATURES_FIRST_MIN_HIDDEN
+        )
+
     @nn.compact
     def __call__(
         self,
@@ -508,20 +522,14 @@ class RNN(nn.Module):
             _check_carry(name, initial_carry, expected, self.cell.carry_layout)
             carry = initial_carry
 
-        unroll = 4 if self.unroll is None else self.unroll
-        if self.fused and type(self.cell).step is RecurrentCell.step:
+        fused = self.fused and type(self.cell).step is RecurrentCell.step
+        update = self.cell.update_fn() if fused else None
+        features_first = fused and self._runs_features_first(batch, update)
+        unroll = self.unroll if self.unroll is not None else (2 if features_first else 4)
+        if fused:
             kernel, bias = self.cell.recurrent_weights(carry)
             valid = None if mask is None else jnp.swapaxes(mask.astype(bool), 0, 1)  # [T, B]
-            update = self.cell.update_fn()
-            features_first = self.features_first
-            if features_first is None:
-                features_first = (
-                    jax.default_backend() == "cpu"
-                    and self.cell.sums_gate_inputs
-                    and batch <= FEATURES_FIRST_MAX_BATCH
-                    and self.cell.hidden_size >= FEATURES_FIRST_MIN_HIDDEN
-                )
-            if features_first and _takes_axis(update):
+            if features_first:
                 in_kernel, in_bias = self.cell.input_weights(projected.dtype)
                 # The product without its bias, then a plain transpose (the
                 # bias is added inside the loop; fused with the transpose,
@@ -531,8 +539,7 @@ class RNN(nn.Module):
                 carry, outputs = recurrence(
                     functools.partial(update, axis=0), self.cell.hidden_of, kernel, bias,
                     transposed(carry), jnp.swapaxes(projected, 1, 2), valid,
-                    input_bias=in_bias, reverse=self.reverse,
-                    unroll=2 if self.unroll is None else self.unroll,
+                    input_bias=in_bias, reverse=self.reverse, unroll=unroll,
                     features_first=True,
                 )  # carry [H, B], outputs [T, H, B]
                 return transposed(carry), jnp.transpose(outputs, (2, 0, 1))  # [B, T, H]
