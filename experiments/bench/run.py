@@ -63,13 +63,25 @@ def core_count() -> int:
         return os.cpu_count() or 1
 
 
+#: The /proc/cpuinfo flags recorded with the results (vector and matrix units).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     cpu = platform.processor() or platform.machine()
+    vendor, flags = None, set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "model name":
+                cpu = value
+            elif key == "vendor_id":
+                vendor = value
+            elif key == "flags":
+                flags = set(value.split())
+            if key == "flags" or (key == "" and vendor):  # first processor read
                 break
     except OSError:
         pass
@@ -78,6 +90,10 @@ def machine() -> dict[str, Any]:
 
     return {
         "cpu": cpu,
+        "cpu_vendor": vendor,
+        # The vector units the matmul libraries can use: the ratios to PyTorch
+        # differ most between CPUs with and without AVX-512 (see NOTES.md).
+        "cpu_isa": [f for f in ISA_FLAGS if f in flags],
         "cores": core_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -177,12 +193,24 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def _isa(machine_meta: dict[str, Any]) -> str:
+    """`` (AVX-512, AMX)``-style note of the vector units, empty for older results."""
+    isa = machine_meta.get("cpu_isa")
+    if isa is None:
+        return ""
+    units = ["AVX-512" if "avx512f" in isa else "AVX2" if "avx2" in isa else "no AVX2"]
+    if "amx_tile" in isa:
+        units.append("AMX")
+    return f" ({', '.join(units)})"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The results as markdown tables."""
     meta, peaks = results["meta"], results["peak"]
     peak_gflops = results["peak_gflops"]
     lines = [
-        f"nnlib vs PyTorch (eager), {meta['date']}, {meta['machine']['cpu']}, "
+        f"nnlib vs PyTorch (eager), {meta['date']}, {meta['machine']['cpu']}"
+        f"{_isa(meta['machine'])}, "
         f"{meta['machine']['cores']} cores, load average {meta['load_start']} -> "
         f"{meta['load_end']}, PyTorch threads {meta['machine']['torch_threads']}, "
         f"freed host memory kept (nnlib.runtime, both frameworks): "

@@ -409,3 +409,20 @@ def test_gpu_benchmark_knows_the_hopper_peak():
     assert gpu.peak_tflops(Device()) == 989.0
     Device.device_kind = "cpu"
     assert gpu.peak_tflops(Device()) is None
+
+
+@pytest.mark.parametrize("isa, note", [
+    (None, ""),
+    (["avx2", "fma"], " (AVX2)"),
+    (["avx2", "fma", "avx512f", "amx_tile", "amx_bf16"], " (AVX-512, AMX)"),
+    ([], " (no AVX2)"),
+])
+def test_markdown_header_names_the_cpus_vector_units(isa, note):
+    machine = {"cpu": "cpu"} if isa is None else {"cpu": "cpu", "cpu_isa": isa}
+    assert run._isa(machine) == note
+
+
+def test_machine_records_vendor_and_known_isa_flags():
+    meta = run.machine()
+    assert set(meta["cpu_isa"]) <= set(run.ISA_FLAGS)
+    assert "cpu_vendor" in meta
