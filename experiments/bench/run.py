@@ -67,24 +67,35 @@ def core_count() -> int:
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 
 
+def cpuinfo(text: str) -> dict[str, Any]:
+    """Model name, vendor and flags of the first processor in ``/proc/cpuinfo`` text.
+
+    Keys absent from the text (other architectures name them differently)
+    come back as ``None`` (model, vendor) or an empty set (flags).
+    """
+    info: dict[str, Any] = {"model": None, "vendor": None, "flags": set()}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if not key and any(v for v in info.values()):
+            break  # the blank line that ends the first processor's block
+        if key == "model name":
+            info["model"] = value
+        elif key == "vendor_id":
+            info["vendor"] = value
+        elif key == "flags":
+            info["flags"] = set(value.split())
+    return info
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    vendor, flags = None, set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key, value = key.strip(), value.strip()
-            if key == "model name":
-                cpu = value
-            elif key == "vendor_id":
-                vendor = value
-            elif key == "flags":
-                flags = set(value.split())
-            if key == "flags" or (key == "" and vendor):  # first processor read
-                break
+        info = cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
+        info = cpuinfo("")
+    cpu = info["model"] or platform.processor() or platform.machine()
+    vendor, flags = info["vendor"], info["flags"]
     import flax
     import numpy
 

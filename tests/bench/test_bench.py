@@ -422,7 +422,18 @@ def test_markdown_header_names_the_cpus_vector_units(isa, note):
     assert run._isa(machine) == note
 
 
+def test_cpuinfo_reads_the_first_processor():
+    text = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Xeon A\n"
+            "flags\t\t: fpu avx2 avx512f amx_tile\n\n"
+            "processor\t: 1\nvendor_id\t: Other\nmodel name\t: Xeon B\nflags\t\t: fpu\n")
+    assert run.cpuinfo(text) == {"model": "Xeon A", "vendor": "GenuineIntel",
+                                 "flags": {"fpu", "avx2", "avx512f", "amx_tile"}}
+    # An aarch64 kernel names neither the model nor the vendor this way.
+    assert run.cpuinfo("processor\t: 0\nFeatures\t: fp asimd\n\nprocessor\t: 1\n") == {
+        "model": None, "vendor": None, "flags": set()}
+
+
 def test_machine_records_vendor_and_known_isa_flags():
     meta = run.machine()
-    assert set(meta["cpu_isa"]) <= set(run.ISA_FLAGS)
-    assert "cpu_vendor" in meta
+    assert meta["cpu"] and set(meta["cpu_isa"]) <= set(run.ISA_FLAGS)
+    assert list(meta["cpu_isa"]) == [f for f in run.ISA_FLAGS if f in meta["cpu_isa"]]
