@@ -34,6 +34,28 @@ def mish(x: Float[Array, ...]) -> Float[Array, ...]:
     return x * jnp.tanh(jax.nn.softplus(x))
 
 
+_SQRT_HALF = 0.7071067811865476
+
+
+def gelu_exact(x: Float[Array, ...]) -> Float[Array, ...]:
+    """GELU with the Gaussian CDF: ``x * (1 + erf(x / sqrt(2))) / 2``.
+
+    The formula PyTorch's ``nn.GELU()`` evaluates. ``jax.nn.gelu(x,
+    approximate=False)`` is the same function written with ``erfc``, which
+    XLA:CPU evaluates ~4x slower than ``erf`` (``[4096, 1536]`` float32: 6.6 vs
+    1.5 ms; MiniLM inference 2.77 -> 2.98 calls/s). The two differ only by
+    float rounding: both stay within ``2 |x| eps`` of the exact value (float32
+    over [-12, 12]: 1.7 and 1.0 ``|x| eps`` at most). In the negative tail,
+    where ``1 + erf`` cancels, this form's relative error grows, on values
+    below ``|x| * 1e-5`` (``x < -4.3``). Half-precision inputs are computed in
+    float32 and cast back.
+    """
+    dtype = x.dtype
+    if jnp.dtype(dtype).itemsize < 4:  # bfloat16, float16
+        x = x.astype(jnp.float32)
+    return (0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF))).astype(dtype)
+
+
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "identity": identity,
     "linear": identity,
@@ -43,10 +65,10 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "elu": jax.nn.elu,
     "selu": jax.nn.selu,
     "celu": jax.nn.celu,
-    # The tanh approximation is GPT-2/BERT's choice and the faster one on CPU;
-    # "gelu_exact" is the erf form (PyTorch's default nn.GELU()).
+    # The tanh approximation is GPT-2's choice; "gelu_exact" is the erf form
+    # (PyTorch's default nn.GELU(), BERT's).
     "gelu": partial(jax.nn.gelu, approximate=True),
-    "gelu_exact": partial(jax.nn.gelu, approximate=False),
+    "gelu_exact": gelu_exact,
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
     "mish": mish,

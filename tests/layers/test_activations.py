@@ -69,6 +69,28 @@ def test_gradients_match_finite_differences(name):
         check_grads(get_activation(name), (jnp.asarray(x),), order=2, modes=("rev",))
 
 
+def test_gelu_exact_float32_error_is_float_rounding_of_x():
+    """The erf form against the exact x * erfc(-x / sqrt 2) / 2 in float64:
+    within 2 |x| eps over [-12, 12], tails included, like JAX's erfc form."""
+    from nnlib.layers.activations import gelu_exact
+
+    x = np.linspace(-12, 12, 4001).astype(np.float32)
+    x64 = x.astype(np.float64)
+    exact = 0.5 * x64 * np.vectorize(math.erfc)(-x64 / math.sqrt(2))
+    bound = 2 * np.abs(x64) * np.finfo(np.float32).eps + 1e-30
+    for fn in (gelu_exact, lambda x: jax.nn.gelu(x, approximate=False)):
+        got = np.asarray(fn(jnp.asarray(x)), np.float64)
+        assert np.all(np.abs(got - exact) <= bound)
+
+
+def test_gelu_exact_keeps_half_precision_dtypes():
+    x = jnp.linspace(-4, 4, 33, dtype=jnp.bfloat16)
+    got = get_activation("gelu_exact")(x)
+    assert got.dtype == jnp.bfloat16
+    want = jax.nn.gelu(x.astype(jnp.float32), approximate=False)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.02)
+
+
 def test_piecewise_derivatives():
     x = jnp.array([-2.0, -0.5, 0.5, 2.0, 7.0])
     np.testing.assert_allclose(jax.vmap(jax.grad(get_activation("relu")))(x), [0, 0, 1, 1, 1])
