@@ -9,6 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 from nnlib.layers import ACTIVATIONS, Activation, get_activation
+from nnlib.layers.activations import gelu_exact
 
 
 def _softplus(x):
@@ -72,8 +73,6 @@ def test_gradients_match_finite_differences(name):
 def test_gelu_exact_float32_error_is_float_rounding_of_x():
     """The erf form against the exact x * erfc(-x / sqrt 2) / 2 in float64:
     within 2 |x| eps over [-12, 12], tails included, like JAX's erfc form."""
-    from nnlib.layers.activations import gelu_exact
-
     x = np.linspace(-12, 12, 4001).astype(np.float32)
     x64 = x.astype(np.float64)
     exact = 0.5 * x64 * np.vectorize(math.erfc)(-x64 / math.sqrt(2))
