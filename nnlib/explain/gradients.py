@@ -369,6 +369,11 @@ def integrated_gradients(
     target = _check_target(fn, target, x.shape[0], num_classes)
     baseline = _check_baseline(fn, x, baseline)
     alphas, weights = _quadrature(method, steps)
+    # Fill the last chunk here with copies of the last node at weight 0: _scan_chunks'
+    # zero padding would be alpha = 0, the baseline, where the gradient may be NaN
+    # (x / ||x|| at x' = 0) and 0 * NaN = NaN, although Gauss-Legendre never needs it.
+    pad = -steps % chunk
+    alphas, weights = np.pad(alphas, (0, pad), mode="edge"), np.pad(weights, (0, pad))
     static, arrays = _split_model(f)
     return _integrated_gradients(static, arrays, x, target, baseline,
                                  jnp.asarray(alphas, x.dtype), jnp.asarray(weights, x.dtype),

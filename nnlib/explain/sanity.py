@@ -232,7 +232,8 @@ def model_randomization_check(
     owner: list[int | None] = []  # index into layers of each leaf, None: never randomized
     for name in names:
         matches = [i for i, layer in enumerate(layers) if _in_layer(name, layer)]
-        owner.append(matches[-1] if matches else None)  # the most specific listed layer
+        # the most specific listed layer (longest prefix), wherever it is listed
+        owner.append(max(matches, key=lambda i: len(layers[i])) if matches else None)
     empty = [layer for i, layer in enumerate(layers) if i not in owner]
     if empty:
         raise ValueError(f"{fn}: no parameters under layers {empty}; parameter paths are "

@@ -266,6 +266,26 @@ def test_chunked_equals_unchunked(cnn):
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
 
 
+def _norm_plus_linear_apply(v, w, x):
+    return jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True)) * v + x @ w  # [B, C]
+
+
+def test_integrated_gradients_chunk_padding_never_evaluates_the_baseline():
+    # ||x|| v + x W is linear along the path from 0 (gradient x / ||x|| v_t + W[:, t]
+    # there), so IG is exactly x * that; its gradient at 0 itself is NaN (0 / 0).
+    # Gauss-Legendre never needs alpha = 0, and no chunking may evaluate it.
+    rng = np.random.default_rng(11)
+    v = rng.normal(size=(3,)).astype(np.float32)
+    w = rng.normal(size=(6, 3)).astype(np.float32)
+    f = Partial(_norm_plus_linear_apply, jnp.asarray(v), jnp.asarray(w))
+    x = rng.normal(size=(2, 6)).astype(np.float32)
+    t = np.array([0, 2], np.int32)
+    expected = x * (x / np.linalg.norm(x, axis=1, keepdims=True) * v[t][:, None] + w[:, t].T)
+    ig = integrated_gradients(f, x, t, steps=5, method="gauss_legendre",
+                              batch_size=3)  # 2 chunks, 1 padding point
+    np.testing.assert_allclose(ig, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_smoothgrad_properties():
     f, w, _ = _linear()
     x = np.random.default_rng(5).normal(size=(3, 12)).astype(np.float32)
@@ -495,6 +515,38 @@ def test_model_randomization_drops_correlation_of_trained_mlp(digits):
     np.testing.assert_allclose(everything.correlation[0], cascade.correlation[-1], rtol=1e-5)
     whole = model_randomization_check(explain, params, x, t, key=KEY, layers=["mlp"])
     assert whole.stages == ("mlp",) and np.mean(whole.correlation) < 0.5
+
+
+def test_randomization_nested_layers_go_to_the_most_specific_prefix():
+    # "head/dense_0" and, above it, the rest of "head": each leaf belongs to the
+    # longest listed prefix, wherever the list puts it.
+    rng = np.random.default_rng(12)
+    w1, b1 = rng.normal(size=(5, 7)).astype(np.float32), np.zeros(7, np.float32)
+    w2, b2 = rng.normal(size=(7, 3)).astype(np.float32), np.zeros(3, np.float32)
+    params = {"head": {"dense_0": {"kernel": jnp.asarray(w1)},
+                       "output": {"kernel": jnp.asarray(w2)}}}
+    x = rng.normal(size=(4, 5)).astype(np.float32)
+    t = np.array([0, 1, 2, 0], np.int32)
+
+    def explain(p, x, t):
+        head = p["head"]
+        return saliency(Partial(_tanh_apply, head["dense_0"]["kernel"], jnp.asarray(b1),
+                                head["output"]["kernel"], jnp.asarray(b2)), x, t)
+
+    def reverse(key, path, leaf):  # deterministic, so the stages can be rebuilt by hand
+        return leaf[::-1]
+
+    x64 = x.astype(np.float64)
+    original = np.abs(_np_tanh_grad((w1, b1, w2, b2), x64, t))
+    expected = [np.abs(_np_tanh_grad((w1, b1, w2[::-1], b2), x64, t)),   # "head": output only
+                np.abs(_np_tanh_grad((w1[::-1], b1, w2, b2), x64, t))]   # "head/dense_0"
+    result = model_randomization_check(explain, params, x, t, key=KEY,
+                                       layers=("head/dense_0", "head"), mode="independent",
+                                       randomize_fn=reverse)
+    assert result.stages == ("head", "head/dense_0")
+    for stage, attributions in enumerate(expected):
+        np.testing.assert_allclose(result.correlation[stage],
+                                   spearman_rank_correlation(original, attributions), atol=1e-6)
 
 
 # --- under jit ------------------------------------------------------------------------------
