@@ -96,10 +96,15 @@ def _weighted_mean(values: Array, weights: Array | None) -> Array:
     """``sum(w * v) / sum(w)``; 0 when every weight is 0, rather than 0 / 0."""
     if weights is None:
         return jnp.mean(values)
+    # Accumulate in float32 at least, as jnp.mean does: a float16 count overflows to inf
+    # past 65504 examples (inf / inf = NaN), and bfloat16 rounds it to 8 bits.
+    dtype = values.dtype
+    acc = jnp.promote_types(dtype, jnp.float32)
+    values, weights = values.astype(acc), weights.astype(acc)
     total = jnp.sum(jnp.where(weights != 0, values * weights, 0))
     count = jnp.sum(weights)
     # The inner where keeps the division (and its gradient) finite when count is 0.
-    return jnp.where(count > 0, total / jnp.where(count > 0, count, 1), 0)
+    return jnp.where(count > 0, total / jnp.where(count > 0, count, 1), 0).astype(dtype)
 
 
 def _reduce(per_example: Array, weights: Array | None, reduction: str) -> Array:

@@ -152,6 +152,24 @@ def test_elementwise_losses_match_numpy_with_prefix_mask():
             np.testing.assert_allclose(got, np_reduce(ref, mask, reduction), rtol=RTOL, atol=1e-6)
 
 
+def test_float16_masked_mean_over_more_than_65504_examples_is_finite():
+    # The mask's count (70000) exceeds float16's largest value: summed in float16 it was
+    # inf and the masked mean NaN, where the unmasked mean is fine.
+    rng = _rng(4)
+    logits = rng.normal(size=(35, 2000, 2)).astype(np.float16)
+    labels = rng.integers(0, 2, (35, 2000)).astype(np.int32)
+    mask = np.ones((35, 2000), bool)
+    mask[:, -1] = False
+    ref = np_softmax_ce(logits, labels)[mask].mean()
+    got = losses.softmax_cross_entropy(jnp.asarray(logits), labels, mask=mask)
+    assert got.dtype == jnp.float16
+    np.testing.assert_allclose(float(got), ref, rtol=1e-3)
+    p = logits[..., 0]
+    got = losses.mean_squared_error(jnp.asarray(p), np.zeros_like(p), mask=mask)
+    np.testing.assert_allclose(float(got), np.square(p.astype(np.float64))[mask].mean(),
+                               rtol=1e-3)
+
+
 def test_binary_cross_entropy_is_stable_for_huge_logits():
     logits = np.array([-200.0, -30.0, 0.0, 30.0, 200.0], np.float32)
     labels = np.array([1.0, 0.0, 1.0, 1.0, 0.0], np.float32)
