@@ -529,6 +529,10 @@ def _group_accuracy(y_true, y_pred, groups, sample_weight, threshold, *, num_gro
     if y_pred.ndim == 1 and jnp.issubdtype(y_pred.dtype, jnp.floating):
         correct = _positive_predictions(y_pred, threshold) == _positive_labels(y_true)
     else:
+        if jnp.issubdtype(y_true.dtype, jnp.floating):
+            # Float binary labels are positive from 0.5 up (a cast would truncate 0.9 to 0);
+            # rounding half up also keeps integer-valued float class ids as they are.
+            y_true = jnp.floor(y_true + 0.5)
         correct = _class_ids(y_pred) == y_true.astype(jnp.int32)
     dtype = _float_dtype(sample_weight)
     w = _weights_or_ones(sample_weight, y_true.shape[0], dtype)

@@ -260,6 +260,17 @@ def test_nobody_selected_gives_ratio_one_and_difference_zero():
                                 groups, 3), [1.0, 0.0, 1.0])
 
 
+def test_group_accuracy_float_labels_are_positive_from_one_half_with_class_ids():
+    # Float binary labels against integer class ids: 0.9 and 0.7 are positive (a cast to
+    # int truncated them to 0), the same as against scores and as in true_positive_rate.
+    y_true = np.array([0.9, 0.2, 0.7, 1.0], np.float32)
+    groups = np.array([0, 0, 1, 1], np.int32)
+    ids = np.array([1, 0, 1, 0], np.int32)
+    np.testing.assert_allclose(fair.group_accuracy(y_true, ids, groups, 2), [1.0, 0.5])
+    np.testing.assert_allclose(fair.group_accuracy(y_true, ids.astype(np.float32), groups, 2),
+                               [1.0, 0.5])
+
+
 # --- jit, vmap --------------------------------------------------------------------------
 
 
