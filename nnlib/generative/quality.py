@@ -126,8 +126,9 @@ def frechet_distance(
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
         raise ValueError(f"frechet_distance expected two [n, features] arrays with the same "
                          f"features and n >= 2, got shapes {a.shape} and {b.shape}")
-    return frechet_distance_gaussians(a.mean(0), np.cov(a, rowvar=False),
-                                      b.mean(0), np.cov(b, rowvar=False))
+    # atleast_2d: np.cov of a single feature is a 0-d array, which eigh rejects.
+    return frechet_distance_gaussians(a.mean(0), np.atleast_2d(np.cov(a, rowvar=False)),
+                                      b.mean(0), np.atleast_2d(np.cov(b, rowvar=False)))
 
 
 def quality_scores(

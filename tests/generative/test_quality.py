@@ -56,6 +56,14 @@ def test_frechet_distance_against_scipy_sqrtm():
         frechet_distance(x, y[:, :3])
 
 
+
+def test_frechet_distance_of_single_feature_sets():
+    # F = 1 is still [n, features]: the 1-D closed form with unbiased std (ddof=1).
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(40, 1)), 3.0 * rng.normal(size=(30, 1)) + 2.0
+    expected = (x.mean() - y.mean()) ** 2 + (x.std(ddof=1) - y.std(ddof=1)) ** 2
+    assert frechet_distance(x, y) == pytest.approx(expected, rel=1e-9)
+
 def test_confidence_and_class_diversity():
     rng = np.random.default_rng(1)
     logits = rng.normal(scale=3.0, size=(50, 10)).astype(np.float32)
