@@ -222,9 +222,13 @@ def polynomial_sparsity(
     _check_fraction("polynomial_sparsity", "initial_sparsity", initial_sparsity)
 
     def schedule(step: Array) -> Array:
-        t = jnp.clip(jnp.asarray(step, jnp.float32), begin_step, end_step)
+        step = jnp.asarray(step, jnp.float32)
+        t = jnp.clip(step, begin_step, end_step)
         t = begin_step + jnp.floor((t - begin_step) / frequency) * frequency
         progress = jnp.minimum((t - begin_step) / (end_step - begin_step), 1.0)
+        # Past t1 the target holds even when t1 - t0 is not a multiple of frequency
+        # (rounding down alone would stop one pruning step short of s_f forever).
+        progress = jnp.where(step > end_step, 1.0, progress)
         s_f = jnp.asarray(final_sparsity, jnp.float32)
         return s_f + (initial_sparsity - s_f) * (1.0 - progress) ** power
 

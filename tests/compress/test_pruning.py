@@ -83,6 +83,15 @@ def test_polynomial_schedule_matches_the_formula():
         assert float(schedule(t)) == pytest.approx(expected, abs=1e-6), t
 
 
+
+def test_polynomial_schedule_reaches_the_target_after_an_unaligned_end():
+    # t1 - t0 = 10 is not a multiple of frequency 3: the grid stops at 9, but the
+    # docstring promises s_f after t1.
+    schedule = polynomial_sparsity(0.9, 0, 10, frequency=3)
+    assert float(schedule(9)) == pytest.approx(0.9 - 0.9 * 0.1**3, abs=1e-6)
+    for t in (11, 12, 100):
+        assert float(schedule(t)) == pytest.approx(0.9, abs=1e-7), t
+
 def test_prune_keeps_pruned_weights_exactly_zero_through_adamw():
     params = _params(3)
     schedule = polynomial_sparsity(0.8, 0, 8, frequency=2)
