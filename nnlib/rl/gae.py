@@ -67,8 +67,11 @@ def generalized_advantage_estimation(
             "terminated and done of one shape [time, *batch], got "
             f"{rewards.shape}, {values.shape}, {next_values.shape}, {terminated.shape}, "
             f"{done.shape}")
-    not_terminated = 1.0 - terminated.astype(values.dtype)
-    not_done = 1.0 - done.astype(values.dtype)
+    # Masks in the inputs' promoted dtype: in the values' own, a bfloat16 critic
+    # would round gamma and gamma * lambda to 8 bits even with float32 rewards.
+    dtype = jnp.result_type(rewards, values, next_values)
+    not_terminated = 1.0 - terminated.astype(dtype)
+    not_done = 1.0 - done.astype(dtype)
     deltas = rewards + gamma * not_terminated * next_values - values  # [time, *batch]
 
     def backwards(next_advantage, inputs):
@@ -76,8 +79,10 @@ def generalized_advantage_estimation(
         advantage = delta + gamma * gae_lambda * keep * next_advantage
         return advantage, advantage
 
+    # The carry takes the deltas' dtype: with bfloat16 values and float32 rewards
+    # the advantages are float32, and a carry of the values' dtype would not match.
     _, advantages = jax.lax.scan(
-        backwards, jnp.zeros_like(values[0]), (deltas, not_done), reverse=True)
+        backwards, jnp.zeros_like(deltas[0]), (deltas, not_done), reverse=True)
     return advantages, advantages + values
 
 
@@ -103,7 +108,11 @@ def discounted_returns(
     if rewards.shape != done.shape:
         raise ValueError(f"discounted_returns expected rewards and done of one shape, "
                          f"got {rewards.shape} and {done.shape}")
-    carry = jnp.zeros_like(rewards[0]) if bootstrap is None else bootstrap
+    if bootstrap is None:
+        carry = jnp.zeros_like(rewards[0])
+    else:  # returns in the promoted dtype of the two, as the recursion computes them
+        dtype = jnp.result_type(rewards, bootstrap)
+        rewards, carry = rewards.astype(dtype), jnp.asarray(bootstrap, dtype)
     not_done = 1.0 - done.astype(rewards.dtype)
 
     def backwards(next_return, inputs):

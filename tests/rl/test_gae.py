@@ -94,3 +94,20 @@ def test_discounted_returns_matches_forward_sums_per_episode():
     second = [4 + gamma * 5 + gamma**2 * 6 + gamma**3 * 10, 5 + gamma * 6 + gamma**2 * 10,
               6 + gamma * 10]
     np.testing.assert_allclose(got, first + second, rtol=1e-6)
+
+
+def test_mixed_precision_values_and_bootstrap():
+    # bfloat16 value estimates with float32 rewards (a bf16 critic): the recursions
+    # run in the promoted dtype instead of failing on the scan carry's dtype.
+    rewards, values, next_values, terminated, done = random_rollout(1)
+    values16, next16 = (jnp.asarray(v, jnp.bfloat16) for v in (values, next_values))
+    adv, targets = generalized_advantage_estimation(
+        jnp.asarray(rewards), values16, next16, jnp.asarray(terminated), jnp.asarray(done),
+        gamma=0.99, gae_lambda=0.95)
+    assert adv.dtype == targets.dtype == jnp.float32
+    expected = numpy_gae(rewards, np.asarray(values16, np.float32),
+                         np.asarray(next16, np.float32), terminated, done, 0.99, 0.95)
+    np.testing.assert_allclose(adv, expected, rtol=1e-5, atol=1e-5)
+    returns = discounted_returns(jnp.asarray(rewards, jnp.bfloat16), jnp.asarray(done),
+                                 gamma=0.9, bootstrap=jnp.ones(rewards.shape[1], jnp.float32))
+    assert returns.dtype == jnp.float32
