@@ -134,7 +134,8 @@ def stft(
 
     Returns:
       ``[..., frames, n_fft // 2 + 1]`` complex: ``frames = 1 + samples //
-      hop_length`` with ``center=True``. Matches ``torch.stft(x, n_fft,
+      hop_length`` with ``center=True`` and an even ``n_fft`` (``1 + (samples -
+      1) // hop_length`` for an odd one, as in torch). Matches ``torch.stft(x, n_fft,
       hop_length, window=torch.hann_window(n_fft), center=True,
       return_complex=True)`` transposed to ``[frames, bins]``.
     """

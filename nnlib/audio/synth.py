@@ -33,7 +33,7 @@ Variation, so a classifier must generalise (:func:`sample_speakers`,
 :func:`sample_utterances`):
 
 * per speaker: pitch (85-220 Hz), vocal-tract length (all formants scaled
-  by 0.87-1.23, low for a large adult male, high for a child), an
+  by 0.85-1.25, low for a large adult male, high for a child), an
   idiosyncratic +-4% offset of each phone's formants, the glottal open
   quotient, breathiness;
 * per clip: speaking rate (0.8-1.25x, plus +-12% per segment), position of
@@ -455,8 +455,8 @@ def _idiolect(seed: int) -> dict[str, np.ndarray]:
 
 
 def _controls(u: Utterance, sample_rate: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """One utterance's control tracks ``[frames, 12]`` and its word span (first
-    and last frame)."""
+    """One utterance's control tracks ``[frames, 12]`` and its word span
+    (``[start, end)`` in frames)."""
     if u.word not in LEXICON:
         raise ValueError(f"no pronunciation for {u.word!r}; known words: {', '.join(LEXICON)}")
     per_ms = sample_rate / control_hop(sample_rate) / 1000.0  # frames per ms (1 at 16 kHz)
@@ -568,7 +568,7 @@ def synthesize(
       ``audio: [len(utterances), samples]`` float32; with ``return_parts``,
       a dict with ``audio``, ``speech``, ``noise`` (``audio = speech +
       noise``, zeros for a clean utterance) and ``span: [n, 2]``, each
-      word's first and last sample.
+      word's ``[start, end)`` in samples.
     """
     num_samples = int(round(sample_rate * duration_s))
     hop = control_hop(sample_rate)

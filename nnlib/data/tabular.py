@@ -92,6 +92,11 @@ def _split_sizes(fn: str, n: int, fractions: Sequence[float]) -> tuple[int, int,
     # Nearest integer with halves rounded up (Python's round() rounds halves to even).
     n_val, n_test = (int(np.floor(f * n + 0.5)) for f in fractions[1:])
     n_train = n - n_val - n_test
+    if n_train < 0:  # e.g. (0, 0.5, 0.5) of an odd n: both halves round up
+        raise ValueError(
+            f"{fn}: the val and test fractions {fractions[1]} and {fractions[2]} of {n} "
+            f"examples round to {n_val} + {n_test} = {n_val + n_test} examples, more than "
+            f"there are; change the fractions so their rounded sizes fit in {n}")
     for split, frac, size in (("val", fractions[1], n_val), ("test", fractions[2], n_test),
                               ("train", fractions[0], n_train)):
         if frac > 0 and size < 1:

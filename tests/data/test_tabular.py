@@ -111,6 +111,16 @@ def test_split_indices_halves_round_up():
     assert [len(idx[s]) for s in ("train", "val", "test")] == [4, 3, 3]
 
 
+@pytest.mark.parametrize("stratify", [None, np.array([0, 0, 1, 1, 1])])
+def test_split_indices_rejects_rounded_sizes_beyond_n(stratify):
+    # 0.5 of 5 rounds up to 3 for both val and test: 6 > 5 examples. Before, the
+    # unstratified split silently gave val 2 (not 3) and the stratified one a
+    # confusing scikit-learn error.
+    with pytest.raises(ValueError, match=r"split_indices: the val and test fractions 0.5 and "
+                                         r"0.5 of 5 examples round to 3 \+ 3 = 6 examples"):
+        split_indices(5, (0.0, 0.5, 0.5), stratify=stratify)
+
+
 def test_stratified_split_keeps_class_proportions_and_matches_sklearn():
     from sklearn.model_selection import train_test_split
 
