@@ -476,6 +476,10 @@ def top_p_filter(logits: Float[Array, "*batch vocab"], p: float) -> Float[Array,
     """
     if not 0.0 < p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+    if p >= 1.0:
+        # Outright, not by `mass_before < p`: in float32 the mass before a
+        # token of probability below ~6e-8 rounds to 1.0, which would drop it.
+        return logits
     order = jnp.argsort(-logits, axis=-1)  # most probable first
     probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
     # A token is needed iff the more probable ones have not reached p yet.

@@ -452,6 +452,12 @@ def test_top_p_keeps_smallest_set_reaching_p(p, kept):
     assert set(np.flatnonzero(np.isfinite(filtered[0]))) == {rank_to_index[r] for r in kept}
 
 
+def test_top_p_one_keeps_every_token_even_improbable_ones():
+    # probabilities ~2e-9 beside one ~1: the float32 mass before them rounds to 1.0
+    logits = jnp.array([[20.0, 0.0, 0.0, -3.0], [0.0, 1.0, 2.0, 3.0]])
+    np.testing.assert_array_equal(top_p_filter(logits, 1.0), logits)
+
+
 def test_top_p_matches_numpy_reference():
     rng = np.random.default_rng(12)
     logits = rng.normal(size=(20, 30)).astype(np.float32) * 2
