@@ -461,7 +461,9 @@ def chance_recall_at_k(
     out = []
     for kk in ks:
         # C(N - r, k) / C(N, k) = prod_{i<k} (N - r - i) / (N - i), 0 once N - r - i <= 0
-        i = np.arange(int(kk))[None, :]  # [1, k]
+        # k > N lists every item (recall 1, as retrieval_recall_at_k); past N
+        # the product's denominators would reach 0.
+        i = np.arange(min(int(kk), n))[None, :]  # [1, k]
         miss = np.prod(np.clip(n - r[:, None] - i, 0, None) / (n - i), axis=1)  # [Q]
         out.append(float(np.mean(np.where(r > 0, 1.0 - miss, 0.0))))
     out = np.array(out)

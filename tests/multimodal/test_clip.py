@@ -149,6 +149,15 @@ def test_chance_recall_equals_the_mean_over_all_rankings():
         assert chance_recall_at_k(relevant, k) == pytest.approx(np.mean(recalls))
 
 
+def test_chance_recall_with_k_past_the_number_of_items():
+    # every item is in the top k: each answerable query is recalled (was NaN)
+    relevant = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 0]], bool)
+    np.testing.assert_allclose(chance_recall_at_k(relevant, [3, 5]), [2 / 3, 2 / 3])
+    scores = jnp.asarray(np.random.default_rng(0).normal(size=(3, 3)), jnp.float32)
+    np.testing.assert_allclose(retrieval_recall_at_k(scores, [3, 5], jnp.asarray(relevant)),
+                               [2 / 3, 2 / 3])
+
+
 def _tiny_clip(**kw):
     return CLIP(vocab_size=11, max_len=7, embed_dim=8, image_features=(4,),
                 image_hidden=(16,), text_width=16, text_layers=1, text_heads=2,
