@@ -141,6 +141,12 @@ def bert_params_from_hf(
     for path, name, transpose in _name_table(config, pooler):
         shape = expected[path][::-1] if transpose else expected[path]
         where = f"{prefix}{name}"
+        if where not in tensors and ".LayerNorm." in where:
+            # Checkpoints converted from the original TensorFlow BERT (e.g.
+            # bert-base-uncased's own model.safetensors) call these gamma / beta;
+            # Hugging Face's from_pretrained renames them on load.
+            legacy = re.sub(r"\.weight$", ".gamma", re.sub(r"\.bias$", ".beta", where))
+            where = legacy if legacy in tensors else where
         if where not in tensors:
             missing.append(f"'{where}' (expected shape {shape}, nnlib {'/'.join(path)})")
             continue

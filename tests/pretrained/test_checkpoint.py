@@ -114,6 +114,22 @@ def test_prefix_found_and_other_heads_ignored(tmp_path):
                                   tensors["encoder.layer.0.attention.self.key.weight"].T)
 
 
+def test_legacy_layer_norm_gamma_beta_names_load(tmp_path):
+    # bert-base-uncased's model.safetensors keeps the TensorFlow port's names,
+    # "bert.embeddings.LayerNorm.gamma" / ".beta"; transformers' from_pretrained
+    # renames them to weight / bias, so they must load here too.
+    tensors = hf_tensors(seed=2)
+    legacy = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma")
+              .replace("LayerNorm.bias", "LayerNorm.beta"): v for k, v in tensors.items()}
+    assert "bert.encoder.layer.1.output.LayerNorm.beta" in legacy
+    save_file(legacy, str(tmp_path / "model.safetensors"))
+    params = load_bert_checkpoint(tmp_path, CFG)
+    expected = bert_params_from_hf(tensors, CFG)
+    assert jax.tree.all(jax.tree.map(np.array_equal, params, expected))
+    np.testing.assert_array_equal(params["embeddings"]["layer_norm"]["scale"],
+                                  tensors["embeddings.LayerNorm.weight"])
+
+
 def test_pooler_is_optional_unless_asked_for():
     params = bert_params_from_hf(hf_tensors(pooler=False), CFG)
     assert "pooler" not in params and "pooler" in bert_params_from_hf(hf_tensors(), CFG)
