@@ -209,6 +209,12 @@ def make_train_step(
         if axis_name is not None:
             if gradient_reduction == "gradients":
                 grads = jax.lax.pmean(grads, axis_name)
+                # The guard reads the loss: with each device's own, one device
+                # would skip the update while the others apply it, splitting the
+                # replicas. Non-finite anywhere makes it non-finite everywhere.
+                # (The where keeps the loss device-varying in type, so shard_map's
+                # out_specs check still rejects this pmap-only rule, as before.)
+                loss = jnp.where(jnp.isfinite(loss), jax.lax.pmean(loss, axis_name), loss)
             metrics = jax.lax.pmean(metrics, axis_name)
         new_state, kept = guarded_update(state, grads, loss, collections, use_cond=use_cond)
         return new_state, {**metrics, **kept}
@@ -221,15 +227,22 @@ def make_eval_step(
 ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """Builds ``(state, batch) -> metrics`` in evaluation mode (no dropout,
     running BatchNorm statistics). ``metrics["count"]`` is the number of real
-    (unmasked) examples, so ``nnlib.train.average_metrics`` can combine
-    batches of different sizes exactly."""
+    (unmasked) examples — of scored labels when the batch has a
+    ``"label_mask"``, the unit ``classification_loss`` averages over — so
+    ``nnlib.train.average_metrics`` can combine batches of different sizes
+    exactly."""
     loss_fn = loss_fn or classification_loss()
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
         outputs, _ = _forward(state, state.params, batch, train=False, key=None, rng_streams=())
         _, metrics = loss_fn(outputs, batch)
         leaves = jax.tree.leaves(batch["labels"])
-        metrics = {**metrics, "count": jnp.sum(_example_weights(batch, leaves[0].shape[0]))}
+        weights = _example_weights(batch, leaves[0].shape[0])  # [batch]
+        if "label_mask" in batch:
+            # Per-label means: batches with more scored labels must weigh more.
+            label_mask = jnp.asarray(batch["label_mask"], jnp.float32)  # [batch, ...]
+            weights = label_mask * weights.reshape(weights.shape + (1,) * (label_mask.ndim - 1))
+        metrics = {**metrics, "count": jnp.sum(weights)}
         if axis_name is not None:
             count = jax.lax.psum(metrics["count"], axis_name)
             metrics = {k: jax.lax.psum(v * metrics["count"], axis_name) / jnp.maximum(count, 1.0)

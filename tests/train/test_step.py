@@ -1,6 +1,7 @@
 """TrainState, optimizers, schedules and the pure train/eval steps against
 closed forms and hand-computed updates."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,6 +221,31 @@ def test_make_train_step_guard_forms_agree(guard):
         np.testing.assert_array_equal(a[1], c)
 
 
+class _Shift(nn.Module):
+    """logits = inputs + bias: a gradient that stays finite whatever the logits."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return x + self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+
+
+def test_pmap_style_guard_decides_alike_on_every_device():
+    """gradient_reduction="gradients" (pmap's rule), run per device under a
+    named vmap axis: device 1's cross-entropy overflows to inf while the averaged
+    gradients stay finite. Every device must keep the incoming state, as one
+    device does on the whole batch, or the replicas of the state split apart."""
+    x = np.array([[0.5, -0.5], [3e38, -3e38]], np.float32)
+    y = np.array([0, 1], np.int32)
+    state = TrainState.create(model=_Shift(), tx=optax.sgd(0.1), key=KEY,
+                              example_input=x[:1])
+    step = make_train_step(axis_name="devices", gradient_reduction="gradients")
+    per_device = jax.jit(jax.vmap(step, in_axes=(None, 0), axis_name="devices"))
+    new, m = per_device(state, {"inputs": x[:, None], "labels": y[:, None]})
+    assert [bool(f) for f in m["finite"]] == [False, False]
+    np.testing.assert_array_equal(new.step, [0, 0])
+    np.testing.assert_array_equal(new.params["bias"], np.zeros((2, 2), np.float32))
+
+
 def test_make_train_step_rejects_unknown_guard():
     with pytest.raises(ValueError, match="guard must be"):
         make_train_step(guard="select")
@@ -354,3 +380,27 @@ def test_label_mask_scores_only_the_chosen_tokens():
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     pred = np.asarray(logits).argmax(-1)
     np.testing.assert_allclose(metrics["accuracy"], ((pred[0, 2] == 2) + (pred[0, 3] == 3)) / 2)
+
+
+def test_eval_metrics_with_label_mask_average_over_tokens_across_batches():
+    # Batches with different numbers of scored labels: the combined loss must be
+    # the mean over every scored token, as on the whole set at once.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, 6, 3)).astype(np.float32)
+    labels = rng.integers(0, 5, size=(4, 6)).astype(np.int32)
+    label_mask = np.zeros((4, 6), np.float32)
+    label_mask[:2, :1] = 1.0  # batch 1: 2 scored tokens
+    label_mask[2:, :] = 1.0  # batch 2: 12 scored tokens
+    state = TrainState.create(model=MLP((), out_features=5), tx=optax.sgd(0.1), key=KEY,
+                              example_input=x[:1])
+    step = jax.jit(make_eval_step())
+    avg = average_metrics([
+        jax.device_get(step(state, {"inputs": x[s], "labels": labels[s],
+                                    "label_mask": label_mask[s]}))
+        for s in (slice(0, 2), slice(2, 4))])
+    logits = np.asarray(state.apply_fn({"params": state.params}, x, train=False))
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    nll = -np.take_along_axis(logp, labels[..., None], -1)[..., 0]
+    np.testing.assert_allclose(avg["loss"], (nll * label_mask).sum() / label_mask.sum(),
+                               rtol=1e-5)
+    assert avg["count"] == 14
