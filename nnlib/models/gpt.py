@@ -95,7 +95,7 @@ class GPTConfig:
         (``train=True`` only).
       use_bias: biases in the Dense layers (LayerNorms always have one).
       tie_embeddings: the output head is the transposed token embedding
-        (``False``: a separate bias-free ``head`` Dense).
+        (``False``: a separate bias-free ``head`` projection).
       dtype: computation dtype, e.g. ``jnp.bfloat16``; ``None`` is float32.
         Parameters are stored in float32 and logits returned in (at least)
         float32. ``jnp.float64`` (under ``jax.enable_x64``) takes the explicit
@@ -165,6 +165,23 @@ class KVCache:
 
 def _normal(stddev: float) -> Any:
     return nn.initializers.normal(stddev=stddev)
+
+
+class _Head(nn.Module):
+    """The untied output head ``x @ kernel`` (``kernel: [d, V]``, no bias),
+    accumulated and returned in ``logits_dtype`` as the tied head is: a bfloat16
+    ``Dense`` would round every logit to 8 bits before the cast."""
+
+    vocab_size: int
+    dtype: Any
+    logits_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", _normal(_INIT_STDDEV), (x.shape[-1], self.vocab_size),
+                            jnp.float32)
+        return matmul_last_axis(x.astype(self.dtype), kernel.astype(self.dtype),
+                                preferred_element_type=self.logits_dtype)
 
 
 class _CausalSelfAttention(nn.Module):
@@ -440,8 +457,7 @@ class GPT(nn.Module):
                 x, token_table.astype(dtype).T, preferred_element_type=logits_dtype
             )  # [B, T, V]
         else:
-            logits = Dense(c.vocab_size, use_bias=False, kernel_init=_normal(_INIT_STDDEV),
-                           dtype=dtype, name="head")(x).astype(logits_dtype)
+            logits = _Head(c.vocab_size, dtype, logits_dtype, name="head")(x)  # [B, T, V]
         if cache is not None:
             cache = cache.replace(index=cache.index + time)
         return logits, cache

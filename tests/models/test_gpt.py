@@ -585,3 +585,15 @@ def test_error_filter_arguments():
         top_p_filter(jnp.zeros((1, 3)), 0.0)
     with pytest.raises(ValueError, match="top_k must be a positive int"):
         top_k_filter(jnp.zeros((1, 3)), 1.5)
+
+
+def test_untied_bfloat16_head_accumulates_logits_in_float32():
+    # Like the tied head: bfloat16 inputs, float32 products and result. A bf16
+    # Dense would put every logit on the bfloat16 grid before the cast.
+    cfg = GPTConfig(vocab_size=50, context_length=16, num_layers=1, num_heads=2,
+                    embed_dim=32, tie_embeddings=False, dtype=jnp.bfloat16)
+    variables = _random_variables(dataclasses.replace(cfg, dtype=None))
+    logits = _apply(cfg)(variables, _tokens((2, 9)))
+    assert logits.dtype == jnp.float32
+    on_grid = np.asarray(logits.astype(jnp.bfloat16).astype(jnp.float32) == logits)
+    assert on_grid.mean() < 0.5
