@@ -170,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                              total_steps=total_steps, warmup_steps=config.get("warmup_steps", 0),
                              end_value=config.get("end_learning_rate", 0.0))
     tx = make_optimizer(config.optimizer, schedule, weight_decay=config.get("weight_decay", 0.0),
-                        clip_norm=config.get("clip_norm", None), b2=config.get("b2", 0.999))
+                        clip_norm=config.get("clip_norm", None), b2=config.get("b2", None))
     example = next(_batches(task, task.train, 2))["inputs"]
     # One compiled program instead of an eager dispatch per initializer op:
     # seconds faster for deep models.

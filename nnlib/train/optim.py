@@ -101,7 +101,7 @@ def make_optimizer(
     weight_decay: float = 0.0,
     momentum: float = 0.9,
     b1: float = 0.9,
-    b2: float = 0.999,
+    b2: float | None = None,
     eps: float = 1e-8,
     clip_norm: float | None = None,
     accumulate_steps: int = 1,
@@ -116,7 +116,8 @@ def make_optimizer(
         ``"lion"``; added to the gradient, i.e. L2, for the others), applied to
         ``ndim >= 2`` parameters only.
       momentum: for ``"momentum"``, ``"nesterov"`` and ``"rmsprop"``.
-      b1, b2, eps: Adam-family moments.
+      b1, b2, eps: Adam-family and Lion moments; ``b2=None`` is each one's
+        published default, 0.999 for Adam(W), 0.99 for Lion (as optax).
       clip_norm: clip the global gradient norm to this value first.
       accumulate_steps: average gradients over this many calls before one
         update (``optax.MultiSteps``); between updates, parameters don't move.
@@ -129,6 +130,8 @@ def make_optimizer(
     if accumulate_steps < 1:
         raise ValueError(f"accumulate_steps must be >= 1, got {accumulate_steps}")
     lr = learning_rate
+    if b2 is None:
+        b2 = 0.99 if name == "lion" else 0.999
     if name == "adamw":
         opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     elif name == "lion":

@@ -297,6 +297,20 @@ def test_sgd_and_adam_first_updates_match_formulas():
     np.testing.assert_allclose(u["dense"]["kernel"], -0.1 * 0.5 / (0.5 + 1e-8), rtol=2e-5)
 
 
+def test_lion_defaults_to_its_published_b2():
+    # Lion's b2 is 0.99 (Chen et al. 2023, optax.lion), not Adam's 0.999. The second
+    # update's sign depends on it: b1 mu_1 + (1 - b1) g_2 with mu_1 = (1 - b2) g_1.
+    params = {"w": jnp.zeros((3,))}
+    steps = [jnp.ones((3,)), jnp.full((3,), -0.05)]
+    ours, reference = make_optimizer("lion", 0.1), optax.lion(0.1)
+    s_ours, s_ref = ours.init(params), reference.init(params)
+    for g in steps:
+        u_ours, s_ours = ours.update({"w": g}, s_ours, params)
+        u_ref, s_ref = reference.update({"w": g}, s_ref, params)
+        np.testing.assert_allclose(u_ours["w"], u_ref["w"])
+    np.testing.assert_allclose(u_ours["w"], -0.1)  # with b2 = 0.999 it would be +0.1
+
+
 def test_weight_decay_skips_biases():
     params, _ = _grads_and_params()
     zero = jax.tree.map(jnp.zeros_like, params)
