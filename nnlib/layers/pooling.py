@@ -196,7 +196,9 @@ def _tiled_max(tiles: Array, axes: tuple[int, ...]) -> Array:
 @_tiled_max.defjvp
 def _tiled_max_jvp(axes, primals, tangents):
     (tiles,), (tangent,) = primals, tangents
-    maximum = tiles.max(axis=axes)
+    # Through the rule itself, so that the maximum's own derivative (second
+    # order: the Hessian, forward over forward) follows the first maximum too.
+    maximum = _tiled_max(tiles, axes)
     first = _first_maximum(tiles, axes, maximum)
     return maximum, jnp.where(first, tangent, jnp.zeros_like(tangent)).sum(axis=axes)
 
@@ -222,13 +224,15 @@ def _avg_pool(
         tiles, axes = _tiled(x, window)  # [B, H/wh, wh, W/ww, ww, C]
         return tiles.mean(axis=axes)
     dims, steps, pads = (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
-    total = lax.reduce_window(x, 0.0, lax.add, dims, steps, pads)
+    # Half precision sums in float32, as the reshape path's mean (and PyTorch) do.
+    acc = np.promote_types(x.dtype, np.float32)
+    total = lax.reduce_window(x.astype(acc), 0.0, lax.add, dims, steps, pads)
     if count_include_pad:
-        return total / math.prod(window)
+        return (total / math.prod(window)).astype(x.dtype)
     # Real cells per window depend only on position: count them on a
     # [1, *spatial, 1] grid of ones, a constant that XLA folds away.
-    ones = jnp.ones((1, *x.shape[1:-1], 1), x.dtype)
-    return total / lax.reduce_window(ones, 0.0, lax.add, dims, steps, pads)
+    ones = jnp.ones((1, *x.shape[1:-1], 1), acc)
+    return (total / lax.reduce_window(ones, 0.0, lax.add, dims, steps, pads)).astype(x.dtype)
 
 
 def max_pool(

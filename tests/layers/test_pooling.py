@@ -226,6 +226,17 @@ def test_reshape_path_equals_reduce_window(op, shape, window):
     np.testing.assert_allclose(grad_fast, grad_ref, rtol=1e-6)
 
 
+@pytest.mark.parametrize("count_include_pad", [True, False])
+def test_bfloat16_avg_pool_general_path_sums_in_float32(count_include_pad):
+    """bf16: the reduce_window path sums in float32 like the reshape path's mean,
+    so the same windows give the same values on both paths."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 9, 8)) + 3, jnp.bfloat16)
+    fast = avg_pool(x[:, :8, :8], 4, count_include_pad=count_include_pad)  # reshape path
+    general = avg_pool(x, 4, count_include_pad=count_include_pad)  # drops the last row: lax
+    assert general.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(general[:, :2, :2], fast)
+
+
 def test_general_path_uses_reduce_window():
     x = jnp.asarray(distinct((1, 5, 5, 1)))
     assert "reduce_window" in str(jax.make_jaxpr(lambda x: max_pool(x, 2))(x))
@@ -268,6 +279,23 @@ def test_max_pool_second_order_gradients_float64():
         x = jnp.asarray(distinct((1, 4, 4, 2), dtype=np.float64))
         check_grads(lambda x: jnp.sin(max_pool(x, 2)), (x,), order=2, modes=("fwd", "rev"),
                     atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape,window", [((1, 2, 4, 1), (2, 2)), ((1, 5, 4, 1), (5, 4))])
+def test_max_pool_hessian_with_ties_follows_the_first_maximum(shape, window):
+    """Second order through the reshape path: the maximum's own derivative inside
+    the rule follows the first maximum too (a plain max there split it among the
+    ties, giving an asymmetric Hessian), as reduce_window's does."""
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 2, shape).astype(np.float32))
+    direction = jnp.asarray(distinct(shape, seed=4))
+
+    def hessian_times_direction(pool):
+        grad = jax.grad(lambda x: jnp.sum(pool(x) ** 2))
+        return jax.jvp(grad, (x,), (direction,))[1]
+
+    np.testing.assert_array_equal(
+        hessian_times_direction(lambda x: max_pool(x, window)),
+        hessian_times_direction(lambda x: reduce_window_pool(x, window, "max")))
 
 
 # ---------------------------------------------------------------- gradients
