@@ -91,9 +91,11 @@ def _row_matmul_jvp(preferred_element_type, primals, tangents):
                 else jnp.matmul(d_row, kernel, preferred_element_type=y.dtype))
     if isinstance(d_kernel, SymbolicZero):
         return y, row_term
-    # Accumulated as wide as the product would be (float32 for bf16).
+    # Multiplied and accumulated as wide as the product would be (float32 for
+    # bf16): bf16 products would round every term before the float32 sum.
     acc = np.promote_types(y.dtype, np.float32)
-    kernel_term = jnp.sum(row[0][:, None] * d_kernel, axis=0, dtype=acc)[None].astype(y.dtype)
+    kernel_term = jnp.sum(row[0].astype(acc)[:, None] * d_kernel.astype(acc), axis=0)
+    kernel_term = kernel_term[None].astype(y.dtype)
     return y, kernel_term if row_term is None else row_term + kernel_term
 
 

@@ -96,6 +96,26 @@ def test_single_row_gradients_equal_matmul_gradients():
                                    rtol=tol, atol=tol)
 
 
+def test_single_row_bf16_kernel_tangent_is_not_rounded_before_the_sum():
+    """bf16 inputs: the single-row rule's kernel tangent multiplies in float32, as
+    jnp.matmul does, instead of rounding each product to bf16 before the sum."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(1, 256)), jnp.bfloat16)
+    k = jnp.asarray(rng.normal(size=(256, 8)), jnp.bfloat16)
+    dk = jnp.asarray(rng.normal(size=(256, 8)), jnp.bfloat16)
+    exact = np.asarray(x, np.float64) @ np.asarray(dk, np.float64)
+    for pet in (None, jnp.float32):
+        got = jax.jvp(lambda k, pet=pet: matmul_last_axis(x, k, preferred_element_type=pet),
+                      (k,), (dk,))[1]
+        want = jax.jvp(lambda k, pet=pet: jnp.matmul(x, k, preferred_element_type=pet),
+                       (k,), (dk,))[1]
+        if pet is None:
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(want, exact, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU layout choice")
 def test_per_example_kernel_gradients_are_written_in_place():
     """vmap of a single-row gradient: the [B, in, out] kernel gradients come out
