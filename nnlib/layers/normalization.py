@@ -101,6 +101,11 @@ class BatchNorm(nn.Module):
       axis_name: when set, batch statistics are averaged over this mapped axis
         (``pmap``/``shard_map``), so every device normalizes with the global
         batch's statistics (synchronized batch norm).
+      use_fast_variance: compute the variance in one pass as ``mean(x^2) -
+        mean^2`` (flax's default: one reduction pass and one ``pmean``), which
+        cancels catastrophically in float32 when the features' mean is large
+        against their spread (a feature at 3000 +- 1: outputs wrong by more than
+        1). The default is two passes, ``mean((x - mean)^2)``, as PyTorch.
 
     Shapes: ``x: [batch, ..., features] -> same``.
 
@@ -115,6 +120,7 @@ class BatchNorm(nn.Module):
     momentum: float = 0.9
     epsilon: float = 1e-5
     axis_name: str | None = None
+    use_fast_variance: bool = False
 
     @nn.compact
     def __call__(
@@ -137,12 +143,20 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
         x32 = x.astype(_statistics_dtype(x.dtype))
         if train:
-            mean = jnp.mean(x32, axis=reduce_axes)
-            mean_sq = jnp.mean(jnp.square(x32), axis=reduce_axes)
             # init runs outside the mapped axis, where there is nothing to sync.
-            if self.axis_name is not None and not self.is_initializing():
-                mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
-            var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+            sync = self.axis_name is not None and not self.is_initializing()
+            mean = jnp.mean(x32, axis=reduce_axes)
+            if self.use_fast_variance:
+                mean_sq = jnp.mean(jnp.square(x32), axis=reduce_axes)
+                if sync:
+                    mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
+                var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+            else:
+                if sync:
+                    mean = jax.lax.pmean(mean, self.axis_name)
+                var = jnp.mean(jnp.square(x32 - mean), axis=reduce_axes)
+                if sync:
+                    var = jax.lax.pmean(var, self.axis_name)
             # init must not move the statistics: the first real step would
             # otherwise start from a batch it never trained on.
             if not self.is_initializing():

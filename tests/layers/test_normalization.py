@@ -82,6 +82,20 @@ def test_batch_norm_train_and_eval_match_numpy(shape):
     np.testing.assert_array_equal(same["batch_stats"]["mean"], stats["mean"])
 
 
+def test_batch_norm_variance_of_features_far_from_zero():
+    # 3000 +- 1: the one-pass mean(x^2) - mean^2 cancels in float32 (the
+    # variance comes out wrong by more than itself); two passes stay exact.
+    x = _rand((64, 3), shift=3000.0)
+    x64 = np.asarray(x, np.float64)
+    want = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
+    v = BatchNorm().init(KEY, x)
+    y, upd = BatchNorm().apply(v, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, want, atol=2e-3)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * x64.var(0), rtol=1e-4)
+    fast, _ = BatchNorm(use_fast_variance=True).apply(v, x, train=True, mutable=["batch_stats"])
+    assert np.abs(np.asarray(fast) - want).max() > 0.1  # the option keeps flax's trade
+
+
 def test_batch_norm_init_does_not_move_statistics():
     v = BatchNorm().init(KEY, _rand((8, 3), shift=5.0), train=True)
     np.testing.assert_array_equal(v["batch_stats"]["mean"], np.zeros(3))
