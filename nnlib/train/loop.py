@@ -430,7 +430,10 @@ def fit(
                         stop_reason is not None or new_best
                         or (checkpoint_every is not None and step % checkpoint_every == 0)
                         or (checkpoint_every is None and last_in_epoch)):
-                    checkpointer.save(state, metrics=evaluated or None, metadata={
+                    # Metrics go with new bests only: orbax ranks the checkpoints
+                    # that carry them and keeps the later of two equal values, which
+                    # would delete the (earlier) step the summary names as best.
+                    checkpointer.save(state, metrics=evaluated if new_best else None, metadata={
                         "epoch": epoch, "batch": batch_in_epoch, "seed": seed,
                         "best": best.state_dict(), "early_stopping": stopper.state_dict(),
                         "window": window, "stop_reason": stop_reason,

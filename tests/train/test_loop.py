@@ -265,6 +265,18 @@ def test_early_stopping_and_best_plus_last_k_retention(tmp_path):
     assert again["step"] == 30 and again["resumed_from"] == 30
 
 
+def test_best_checkpoint_kept_when_later_evaluations_tie(tmp_path):
+    # Equal values after the best (an accuracy plateau): the summary names the
+    # first, and that checkpoint must be the one kept on disk.
+    _, summary = fit(_state(), _data(70), eval_step=_scripted_eval([5.0, 3.0, 3.0, 3.0]),
+                     batch_size=16, eval_data=[{}], num_epochs=4, keep=1, workdir=tmp_path,
+                     plot=False, tensorboard=False, show_progress=False)
+    assert summary["best_step"] == 10 and summary["best_value"] == 3.0
+    with Checkpointer(tmp_path / "checkpoints", best_metric="val_loss") as ckpt:
+        assert ckpt.all_steps() == [10, 20]
+        assert ckpt.best_step() == 10
+
+
 def test_early_stopping_min_delta_and_max_mode():
     accuracies = iter([0.5, 0.6, 0.605, 0.61, 0.9])
     _, summary = fit(_state(), _data(70), batch_size=16, eval_data=[{}], num_epochs=5,
