@@ -86,7 +86,13 @@ def predicted_class_counts(logits: Float[Array, "batch classes"]) -> np.ndarray:
 
 
 def class_diversity(logits: Float[Array, "batch classes"]) -> float:
-    """Entropy of the predicted-class histogram over ``log(classes)``, in [0, 1]."""
+    """Entropy of the predicted-class histogram over ``log(classes)``, in [0, 1].
+
+    Needs at least one example and two classes (with one, the ratio is 0 / 0).
+    """
+    if logits.ndim != 2 or logits.shape[0] < 1 or logits.shape[-1] < 2:
+        raise ValueError(f"class_diversity expected [batch >= 1, classes >= 2] logits, got "
+                         f"shape {tuple(logits.shape)}")
     counts = predicted_class_counts(logits)
     p = counts / counts.sum()
     p = p[p > 0]

@@ -78,6 +78,9 @@ def test_confidence_and_class_diversity():
     four = np.eye(4, dtype=np.float32)[[0, 0, 1, 2]]
     assert class_diversity(jnp.asarray(four)) == pytest.approx(0.75)
     np.testing.assert_array_equal(predicted_class_counts(jnp.asarray(four)), [2, 1, 1, 0])
+    for shape in [(5, 1), (0, 4)]:  # one class: 0 / 0; no examples: nothing to count
+        with pytest.raises(ValueError, match="class_diversity expected"):
+            class_diversity(jnp.zeros(shape))
 
 
 def test_penultimate_features_of_the_cnn():
