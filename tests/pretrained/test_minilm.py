@@ -142,6 +142,22 @@ def test_zero_shot_picks_the_described_topic(minilm):
     np.testing.assert_array_equal(predicted, [0, 1, 2, 0])
 
 
+def test_encode_truncates_at_the_folders_max_seq_length(minilm, tmp_path):
+    # A checkpoint folder whose sentence_bert_config.json says 32 tokens: encode's
+    # default follows it, as sentence-transformers does (before: always 256).
+    for name in minilm_path().iterdir():
+        if name.name != "sentence_bert_config.json":
+            (tmp_path / name.name).symlink_to(name)
+    (tmp_path / "sentence_bert_config.json").write_text('{"max_seq_length": 32}')
+    short = load_minilm(tmp_path)
+    assert short.max_length == 32 and minilm.max_length == 256
+    text = [" ".join(["word"] * 100)]  # 100+ tokens
+    got = encode(short, text, batch_size=BATCH)
+    np.testing.assert_allclose(got, encode(minilm, text, batch_size=BATCH, max_length=32),
+                               atol=1e-6)
+    assert not np.allclose(got, encode(minilm, text, batch_size=BATCH), atol=1e-3)
+
+
 def test_encode_input_errors(minilm):
     with pytest.raises(TypeError, match="expected a list of sentences, got one string"):
         encode(minilm, "just one string")
