@@ -151,8 +151,11 @@ def make_keyword_data(config: Config) -> dict[str, dict[str, np.ndarray]]:
         ids = list(range(first, first + count))
         first += count
         repeats = config.train_repeats if split == "train" else config.eval_repeats
+        # A stream of its own per split: with seed * 1000 + i, seed 0's training
+        # utterances drew the very numbers the speakers were drawn from.
+        utterance_seed = int(np.random.SeedSequence([config.seed, 1 + i]).generate_state(1)[0])
         utterances = sample_utterances(config.words, [speakers[j] for j in ids], repeats,
-                                       snr_db=config.snr_db, seed=config.seed * 1000 + i)
+                                       snr_db=config.snr_db, seed=utterance_seed)
         parts = synthesize(utterances, sample_rate=config.sample_rate,
                            batch_size=config.synth_batch, return_parts=True)
         per_speaker = repeats * len(config.words)

@@ -130,3 +130,33 @@ def test_configs():
     assert full.train_speakers > CONFIG.train_speakers and full.num_steps > CONFIG.num_steps
     with pytest.raises(ValueError, match="size 'full' or 'tiny'"):
         get_config("huge")
+
+
+
+def test_utterances_do_not_reuse_the_speakers_random_stream(monkeypatch):
+    """Speakers and each split's utterances are independent draws. (With the
+    utterance seed ``seed * 1000 + split``, seed 0's training utterances reran
+    the speakers' generator: utterance j's seed was speaker j's idiolect seed
+    and its SNR speaker j's open quotient, rescaled.) Synthesis is stubbed:
+    only the sampled parameters matter here."""
+    import experiments.keywords as keywords
+
+    drawn = []
+
+    def fake_synthesize(utterances, **kwargs):
+        drawn.extend(utterances)
+        zeros = np.zeros((len(utterances), 4), np.float32)
+        return {"audio": zeros, "speech": zeros, "noise": zeros}
+
+    monkeypatch.setattr(keywords, "synthesize", fake_synthesize)
+    for seed in (0, 1):
+        config = CONFIG.copy_and_resolve_references()
+        config.seed = seed
+        drawn.clear()
+        keywords.make_keyword_data(config)
+        speakers = list(dict.fromkeys(u.speaker for u in drawn))  # in sampling order
+        assert not {s.idiolect_seed for s in speakers} & {u.seed for u in drawn}, seed
+        same = [np.isclose((s.open_quotient - 0.5) / 0.2, (u.snr_db - config.snr_db[0])
+                           / (config.snr_db[1] - config.snr_db[0]))
+                for s, u in zip(speakers, drawn, strict=False)]
+        assert not any(same), seed
