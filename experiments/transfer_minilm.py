@@ -216,11 +216,12 @@ def _arrays(pretrained: Pretrained, split: dict[str, Any], max_length: int) -> d
     return {**tokens, "labels": split["labels"]}
 
 
-def _batches(arrays: dict, batch_size: int, *, epoch: int = 0, shuffle: bool) -> list[dict]:
+def _batches(arrays: dict, batch_size: int, *, seed: int = 0, epoch: int = 0,
+             shuffle: bool) -> list[dict]:
     """``batch_iterator``'s flat batches regrouped as the model's dict inputs."""
     return [{"inputs": {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
              "labels": b["labels"], "mask": b["mask"]}
-            for b in batch_iterator(arrays, batch_size, seed=0, epoch=epoch, shuffle=shuffle)]
+            for b in batch_iterator(arrays, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)]
 
 
 def train_classifier(
@@ -250,7 +251,8 @@ def train_classifier(
     train_step = jax.jit(make_train_step())
     start = time.perf_counter()
     state, summary = fit(
-        state, lambda epoch: _batches(data["train"], batch_size, epoch=epoch, shuffle=True),
+        state, lambda epoch: _batches(data["train"], batch_size, seed=seed, epoch=epoch,
+                                      shuffle=True),
         eval_data=_batches(data["val"], batch_size, shuffle=False), eval_step=eval_step,
         train_step=train_step,
         num_epochs=epochs, log_every=10_000, show_progress=show_progress, seed=seed)
@@ -261,7 +263,7 @@ def train_classifier(
     result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
               "val_accuracy": curve[-1], "val_curve": curve, "train_time_s": train_time}
     if cost_repeats > 0:
-        batch = _batches(data["train"], batch_size, shuffle=True)[0]
+        batch = _batches(data["train"], batch_size, seed=seed, shuffle=True)[0]
         result["cost"] = cost_report(train_step, state, batch, num_steps=int(state.step),
                                      repeats=cost_repeats, warmup=1)
     return state.params, result

@@ -119,3 +119,36 @@ def test_quick_run_writes_sane_results(tiny_checkpoint, tmp_path):
     assert encoder_matmuls <= frozen <= 3 * encoder_matmuls  # a forward pass, no backward
     # Fine-tuning adds the backward pass (two matmuls per forward one) and AdamW on all.
     assert finetune >= frozen + 2 * encoder_matmuls
+
+
+def test_training_order_follows_the_seed(monkeypatch):
+    """``TransferConfig.seed`` reaches the training shuffle (the batches were drawn
+    with seed 0 whatever the config said). ``fit`` is stubbed: it records the
+    first epoch's label order and stops."""
+    import types
+
+    import optax
+
+    import experiments.transfer_minilm as transfer
+
+    class Stop(Exception):
+        pass
+
+    orders = {}
+
+    def record_first_epoch(state, train_data, **kwargs):
+        orders[kwargs["seed"]] = np.concatenate([b["labels"] for b in train_data(0)])
+        raise Stop
+
+    monkeypatch.setattr(transfer, "fit", record_first_epoch)
+    n = 32
+    arrays = {"input_ids": np.zeros((n, 4), np.int32), "attention_mask": np.ones((n, 4), np.int32),
+              "labels": np.arange(n, dtype=np.int32)}
+    model = types.SimpleNamespace(apply=lambda *args, **kwargs: None)
+    for seed in (0, 1):
+        with pytest.raises(Stop):
+            transfer.train_classifier(model, {"w": jnp.zeros(1)}, optax.sgd(0.1),
+                                      {"train": arrays, "val": arrays, "test": arrays},
+                                      epochs=1, batch_size=8, seed=seed, show_progress=False)
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(n))
+    assert orders[0].tolist() != orders[1].tolist()
