@@ -77,7 +77,7 @@ sys.path.insert(0, str(ROOT))
 
 from nnlib import fairness  # noqa: E402
 from nnlib.compress import cost_report, format_cost  # noqa: E402
-from nnlib.data import load_tabular  # noqa: E402
+from nnlib.data import load_tabular, split_indices  # noqa: E402
 from nnlib.data.tabular import SPLITS  # noqa: E402
 from nnlib.layers import MLP  # noqa: E402
 from nnlib.train import TrainState, make_train_step  # noqa: E402
@@ -134,8 +134,9 @@ def load_csv(
     * ``sensitive``: any column; each distinct value is a group (ids in sorted
       order). It is *not* used as an input feature.
     * every other column not in ``exclude`` is a feature: numeric when every
-      non-missing value parses as a number (missing values become the column's
-      median), otherwise categorical, one-hot encoded (missing is a category).
+      non-missing value parses as a number (missing values become the
+      median of the training split's), otherwise categorical, one-hot encoded
+      (missing is a category).
       Missing means empty, ``?``, ``NA``, ``nan``, ``null`` or ``none``.
 
     Splits 70/10/20, stratified by label, standardized with train statistics
@@ -172,6 +173,10 @@ def load_csv(
                          f"its values are {values[:10]}")
     y = (raw == positive).astype(np.int32)
     group_names, groups = np.unique(table[sensitive].astype(str), return_inverse=True)
+    # The rows load_tabular will put in train (its stratified split of y and
+    # seed): missing numbers are filled from them alone, not from val/test.
+    train = np.zeros(len(y), bool)
+    train[split_indices(len(y), seed=seed, stratify=y)["train"]] = True
 
     features, names = [], []
     for column in columns:
@@ -185,7 +190,9 @@ def load_csv(
         except ValueError:
             numbers = None
         if numbers is not None and np.isfinite(numbers[~missing]).all() and (~missing).any():
-            features.append(np.where(missing, np.median(numbers[~missing]), numbers)[:, None])
+            known = numbers[~missing & train]
+            fill = np.median(known) if known.size else 0.0  # no train value: a constant
+            features.append(np.where(missing, fill, numbers)[:, None])
             names.append(column)
         else:
             categories, codes = np.unique(col.astype(str), return_inverse=True)

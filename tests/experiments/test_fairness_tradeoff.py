@@ -101,6 +101,30 @@ def _write_csv(path: Path, n: int = 240, seed: int = 0) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+
+def test_csv_loader_imputes_from_the_training_rows_only(tmp_path):
+    """A missing number becomes the median of the *training* rows' values: here
+    every val/test row is 1000, which would pull the median of all rows up."""
+    from nnlib.data import split_indices
+
+    n = 200
+    income = np.where(np.arange(n) % 3 == 0, ">50K", "<=50K")
+    train = np.zeros(n, bool)
+    train[split_indices(n, seed=0, stratify=(income == ">50K").astype(np.int32))["train"]] = True
+    age = np.where(train, 20 + np.arange(n) % 11, 1000).astype(float)
+    missing = (np.arange(n) % 9 == 0) & train
+    lines = ["age, sex, income"] + [
+        f"{'?' if missing[i] else f'{age[i]:g}'}, {'FM'[i % 2]}, {income[i]}" for i in range(n)]
+    path = tmp_path / "ages.csv"
+    path.write_text("\n".join(lines) + "\n")
+    z = ft.load_csv(path, label="income", sensitive="sex").splits["train"]["inputs"][:, 0]
+    known, gaps = ~missing[train], missing[train]
+    slope, intercept = np.polyfit(age[train][known], z[known], 1)  # the standardization
+    imputed = (z[gaps] - intercept) / slope
+    expected = np.median(age[train & ~missing])
+    assert expected < np.median(age[~missing])  # the test would have moved it
+    np.testing.assert_allclose(imputed, expected, atol=1e-3)
+
 def test_csv_loader_encodes_columns(tmp_path):
     path = tmp_path / "people.csv"
     _write_csv(path)
