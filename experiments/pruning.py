@@ -166,9 +166,10 @@ def run(
             pruned = apply_masks(params, magnitude_masks(params, target, scope="global"))
             return model.apply({"params": pruned}, x)
 
-        for target in sparsities:  # one-shot: prune the trained model, no retraining
-            logits = oneshot(dense_params, jnp.float32(target), test["inputs"])
-            acc = float(accuracy(logits, test["labels"]))
+        for target in sparsities:  # one-shot: prune each seed's trained model, no retraining
+            acc = float(np.mean([accuracy(oneshot(v["params"], jnp.float32(target),
+                                                  test["inputs"]), test["labels"])
+                                 for v, _ in dense]))
             curves[name]["oneshot"].append((target, acc))
             metrics[f"{name}_oneshot_s{round(100 * target)}_test_accuracy"] = acc
 
