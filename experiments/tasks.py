@@ -144,7 +144,8 @@ def _addition_seq2seq(config: ml_collections.ConfigDict) -> Task:
             f"{num_digits}-digit operands ({10 ** (2 * num_digits)} exist); lower "
             "num_train/num_val/num_test")
     # Draw extra pairs, keep the first occurrence of each, so that no test
-    # sum was seen in training.
+    # pair (a, b) was seen in training (its mirror (b, a) may have been: the
+    # held-out unit is the ordered pair, not the sum).
     drawn = addition_task(int(wanted * 1.2) + 64, num_digits, form="seq2seq",
                           reverse_answer=config.get("reverse_answer", False),
                           seed=config.get("data_seed", 0))
