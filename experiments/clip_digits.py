@@ -340,8 +340,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None,
     evaluation, artifacts = evaluate(model, params, data, config)
     metrics |= evaluation
 
-    # One real training step: a fresh state on the first batch (the step is
-    # not donated here, so cost_report can call it repeatedly).
+    # One real training step: the trained state on the first batch (the step
+    # is not donated here, so cost_report can call it repeatedly).
     batch = next(train_batches(data, config)(0))
     report = cost_report(jax.jit(make_clip_train_step(model.max_log_scale)), state, batch,
                          num_steps=config.num_steps, repeats=config.cost_repeats, warmup=1)
