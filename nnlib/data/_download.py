@@ -27,6 +27,7 @@ import hashlib
 import os
 import secrets
 import urllib.request
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -152,11 +153,16 @@ def download_file(
     for url in urls:
         try:
             _fetch(url, dest, expected, timeout)
-            return dest
         # OSError covers urllib's URLError / HTTPError; ValueError is ChecksumError or
         # urllib's "unknown url type" for a malformed URL.
         except (OSError, ValueError) as e:
             failures.append((url, e))
+            continue
+        bad = [u for u, e in failures if isinstance(e, ChecksumError)]
+        if bad:  # the verified bytes are kept, but a mirror served others: say so
+            warnings.warn(f"download_file: {dest.name} verified from {url} after a checksum "
+                          f"mismatch from {', '.join(bad)}", stacklevel=2)
+        return dest
     last = failures[-1][1]
     mismatch = any(isinstance(e, ChecksumError) for _, e in failures)
     error = ChecksumError if mismatch else OSError

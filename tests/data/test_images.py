@@ -393,6 +393,20 @@ def test_download_file_falls_back_to_next_mirror(http_root, tmp_path):
     assert download_file(f"{url}/good/f.bin", dest, md5=md5).read_bytes() == b"payload"
 
 
+def test_download_file_says_when_a_mirror_served_wrong_bytes(http_root, tmp_path):
+    # The verified copy from the second mirror is kept, and the first mirror's
+    # mismatch is reported rather than silently retried into success.
+    root, url = http_root
+    _mkdir(root / "bad").joinpath("f.bin").write_bytes(b"tampered")
+    _mkdir(root / "ok").joinpath("f.bin").write_bytes(b"payload")
+    md5 = hashlib.md5(b"payload").hexdigest()
+    with pytest.warns(UserWarning, match=r"f.bin verified from http://.*/ok/f.bin after a "
+                                         r"checksum mismatch from http://.*/bad/f.bin"):
+        dest = download_file([f"{url}/bad/f.bin", f"{url}/ok/f.bin"], tmp_path / "f.bin",
+                             md5=md5)
+    assert dest.read_bytes() == b"payload"
+
+
 def test_download_file_reports_every_failed_mirror(http_root, tmp_path):
     root, url = http_root
     with pytest.raises(OSError, match=r"download_file: could not fetch f.bin from any mirror:\n  http://127.0.0.1:\d+/a/f.bin: HTTP Error 404.*\n  http://127.0.0.1:\d+/b/f.bin: HTTP Error 404"):
