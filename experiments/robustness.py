@@ -83,8 +83,9 @@ class RobustnessConfig:
       train_pgd_steps: PGD steps per training batch (step 2.5 eps / steps).
       linf_epsilons: test radii of FGSM and L-infinity PGD.
       l2_epsilons: test radii of L2 PGD.
-      pgd_steps: PGD steps at test time (step size 2.5 eps / steps, Madry
-        et al.'s rule: long enough to cross the ball from any start).
+      pgd_steps: PGD steps at test time (step size 2.5 eps / steps, the Madry
+        lab's ``robustness`` library's rule: long enough to cross the ball
+        from any start).
       num_test: test examples attacked (``None``: the whole test split).
       seed: initialization, data order and attack keys.
     """
