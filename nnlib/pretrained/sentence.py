@@ -29,6 +29,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from nnlib.layers.dense import Dense
@@ -45,16 +46,22 @@ def mean_pool(
     """Mean of ``hidden`` over the real tokens (``mask`` 1/True); padding is left
     out. A row with no real token gives zeros (the denominator is clamped at
     1e-9, as sentence-transformers does)."""
-    weights = jnp.asarray(mask).astype(hidden.dtype)[..., None]  # [B, T, 1]
-    total = jnp.sum(hidden * weights, axis=1)  # [B, H]
-    return total / jnp.maximum(jnp.sum(weights, axis=1), 1e-9)
+    # In float32 at least: float16 rounds the 1e-9 floor to 0 (0 / 0 on a row with no
+    # real token) and overflows past 65504 (a sum over many tokens).
+    acc = np.promote_types(hidden.dtype, np.float32)
+    weights = jnp.asarray(mask).astype(acc)[..., None]  # [B, T, 1]
+    total = jnp.sum(hidden.astype(acc) * weights, axis=1)  # [B, H]
+    return (total / jnp.maximum(jnp.sum(weights, axis=1), 1e-9)).astype(hidden.dtype)
 
 
 def l2_normalize(x: Float[Array, "batch hidden"], eps: float = 1e-12
                  ) -> Float[Array, "batch hidden"]:
     """``x / max(||x||, eps)`` row by row (PyTorch's ``F.normalize``)."""
-    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-    return x / jnp.maximum(norm, eps)
+    # In float32 at least: in float16 the sum of squares overflows for a norm above
+    # 256, and eps = 1e-12 rounds to 0 (a zero row would give 0 / 0).
+    wide = x.astype(np.promote_types(x.dtype, np.float32))
+    norm = jnp.linalg.norm(wide, axis=-1, keepdims=True)
+    return (wide / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
 class SentenceClassifier(nn.Module):

@@ -21,6 +21,7 @@ from nnlib.multimodal import (
     clamp_log_scale,
     clip_loss,
     clip_loss_fn,
+    l2_normalize,
     prompt_ensemble,
     retrieval_recall_at_k,
     zero_shot_classifier,
@@ -43,6 +44,15 @@ def _numpy_clip_loss(img, txt, log_scale):
         return -np.mean(np.diag(log_p))
 
     return 0.5 * (ce(logits) + ce(logits.T))
+
+
+def test_l2_normalize_float16_zero_and_large_vectors():
+    # float16: the 1e-12 floor rounds to 0 and a sum of squares past 65504 overflows.
+    x = np.stack([np.zeros(1000), np.full(1000, 20.0)]).astype(np.float16)  # norms 0, 632
+    unit = l2_normalize(jnp.asarray(x))
+    assert unit.dtype == jnp.float16
+    np.testing.assert_array_equal(np.asarray(unit[0]), 0.0)  # finite, not 0 / 0
+    np.testing.assert_allclose(np.asarray(unit[1], np.float64), 1000**-0.5, rtol=1e-3)
 
 
 def test_clip_loss_matches_numpy_reference():

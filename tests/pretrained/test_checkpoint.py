@@ -296,6 +296,20 @@ def test_mean_pool_and_normalize_match_numpy():
     np.testing.assert_array_equal(unit[2], 0.0)
 
 
+def test_mean_pool_and_normalize_float16():
+    # float16: the 1e-9 and 1e-12 floors round to 0, and sums past 65504 overflow.
+    hidden = np.full((2, 512, 4), 200.0, np.float16)  # a token sum of 102400
+    mask = np.zeros((2, 512), np.int32)
+    mask[0] = 1
+    pooled = mean_pool(jnp.asarray(hidden), mask)
+    assert pooled.dtype == jnp.float16
+    np.testing.assert_array_equal(np.asarray(pooled), [[200.0] * 4, [0.0] * 4])
+    unit = l2_normalize(jnp.asarray(np.stack([np.zeros(1000), np.full(1000, 20.0)]), jnp.float16))
+    assert unit.dtype == jnp.float16
+    np.testing.assert_array_equal(np.asarray(unit[0]), 0.0)
+    np.testing.assert_allclose(np.asarray(unit[1], np.float64), 1000**-0.5, rtol=1e-3)
+
+
 def test_length_buckets():
     assert [bucket_length(n, 256) for n in (1, 32, 33, 64, 65, 129, 256)] == [
         32, 32, 64, 64, 128, 256, 256]
