@@ -143,7 +143,12 @@ def _attack_objective(model_fn: ModelFn, loss_fn: PerExampleLoss | None, labels:
 
 
 def _per_example_l2(v: Array) -> Array:
-    """``[B, ...] -> [B, 1, ...]`` L2 norms over the feature axes, ready to broadcast."""
+    """``[B, ...] -> [B, 1, ...]`` L2 norms over the feature axes, ready to broadcast.
+
+    In float32 at least (callers cast back): in float16 squares under 6e-8 flush
+    to 0, a sum of squares past 65504 overflows, and _TINY itself rounds to 0.
+    """
+    v = v.astype(np.promote_types(v.dtype, np.float32))  # numpy: no strict-mode error
     return jnp.sqrt(jnp.sum(v * v, axis=tuple(range(1, v.ndim)), keepdims=True))
 
 
@@ -174,15 +179,17 @@ def project_onto_ball(
 def _project(delta: Array, epsilon: Array, norm: str) -> Array:
     if norm == "linf":
         return jnp.clip(delta, -epsilon, epsilon)
-    scale = jnp.minimum(1.0, epsilon / jnp.maximum(_per_example_l2(delta), _TINY))  # [B, 1, ...]
-    return delta * scale
+    norm = _per_example_l2(delta)  # [B, 1, ...]
+    scale = jnp.minimum(1.0, epsilon.astype(norm.dtype) / jnp.maximum(norm, _TINY))
+    return delta * scale.astype(delta.dtype)
 
 
 def _steepest_ascent(grad: Array, norm: str) -> Array:
     """The unit-norm direction maximizing ``<grad, d>``: sign for L-inf, normalized for L2."""
     if norm == "linf":
         return jnp.sign(grad)
-    return grad / jnp.maximum(_per_example_l2(grad), _TINY)
+    norm = _per_example_l2(grad)
+    return (grad.astype(norm.dtype) / jnp.maximum(norm, _TINY)).astype(grad.dtype)
 
 
 def _random_start(key: Array, x: Array, epsilon: Array, norm: str) -> Array:
@@ -198,7 +205,8 @@ def _random_start(key: Array, x: Array, epsilon: Array, norm: str) -> Array:
         return jax.random.uniform(key, x.shape, x.dtype, -epsilon, epsilon)
     direction_key, radius_key = jax.random.split(key)
     direction = jax.random.normal(direction_key, x.shape, x.dtype)
-    direction = direction / jnp.maximum(_per_example_l2(direction), _TINY)
+    norm = _per_example_l2(direction)
+    direction = (direction.astype(norm.dtype) / jnp.maximum(norm, _TINY)).astype(x.dtype)
     d = math.prod(x.shape[1:])
     u = jax.random.uniform(radius_key, (x.shape[0],) + (1,) * (x.ndim - 1), x.dtype)
     return direction * (epsilon * u ** (1.0 / d))

@@ -200,6 +200,34 @@ def test_one_l2_pgd_step_on_linear_model_matches_numpy(strict):
         np.testing.assert_allclose(x_adv, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_l2_geometry_in_float16_matches_numpy(strict):
+    # float16 flushes squares under 6e-8 to 0 and overflows sums past 65504: the norms
+    # must be taken wider, or a small gradient's direction is inf and a large delta's 0.
+    rng = np.random.default_rng(5)
+    w = (rng.normal(size=(64, 3)) * 1e-4).astype(np.float32)  # input gradients ~1e-4
+    x = rng.uniform(0.3, 0.7, size=(2, 64)).astype(np.float16)
+    y = np.array([0, 1], np.int32)
+    x64 = x.astype(np.float64)
+    p = np.exp(_np_log_softmax(x64 @ w))
+    grad = (p - np.eye(3)[y]) @ w.T.astype(np.float64)
+    expected = x64 + 0.1 * grad / np.linalg.norm(grad, axis=1, keepdims=True)
+    model = lambda v: v.astype(jnp.float32) @ jnp.asarray(w)  # noqa: E731
+    x_adv = pgd(model, jnp.asarray(x), y, epsilon=0.5, step_size=0.1, num_steps=1,
+                norm="l2", random_start=False)
+    assert x_adv.dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(x_adv, np.float64), expected, atol=2e-3)
+    delta = np.full((1, 1000), 20.0, np.float16)  # norm 632, sum of squares 4e5
+    projected = project_onto_ball(jnp.asarray(delta), 1.0, norm="l2")
+    np.testing.assert_allclose(np.asarray(projected, np.float64), 1000**-0.5, rtol=1e-3)
+    big = jnp.full((1, 3, 224, 224), 0.5, jnp.float16)  # a unit Gaussian's squares sum to 1.5e5
+    x_start = pgd(lambda v: v.reshape(1, -1)[:, :3].astype(jnp.float32), big,
+                  np.array([0], np.int32), epsilon=0.5, step_size=0.1, num_steps=0,
+                  norm="l2", random_start=True, key=KEY, clip_min=None, clip_max=None)
+    # (x + delta is rounded to float16 steps of 2.4e-4 near 0.5: the norm is near, not <=, 0.5)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(x_start - big, np.float64)), 0.5,
+                               rtol=0.02)
+
+
 # --- random start ------------------------------------------------------------------
 
 
