@@ -497,7 +497,10 @@ def top_p_filter(logits: Float[Array, "*batch vocab"], p: float) -> Float[Array,
         # token of probability below ~6e-8 rounds to 1.0, which would drop it.
         return logits
     order = jnp.argsort(-logits, axis=-1)  # most probable first
-    probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+    # In float32 at least: a bfloat16 cumulative sum drifts by more than the mass of
+    # the tokens near the threshold, so the kept set summed to less than p.
+    acc = np.promote_types(logits.dtype, np.float32)
+    probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1).astype(acc), axis=-1)
     # A token is needed iff the more probable ones have not reached p yet.
     mass_before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumulative sum
     keep_sorted = mass_before < p
