@@ -385,8 +385,11 @@ def _completeness_gap(static, arrays, x, attributions, target, baseline):
     f = _join_model(static, arrays)
     logits = f(x)  # [B, C]
     target = jnp.argmax(logits, axis=-1) if target is None else target
+    # In float32 at least: float16 rounds _TINY to 0 (a zero difference gave 0 / 0 = NaN).
+    acc = np.promote_types(x.dtype, np.float32)
     delta = _target_logits(logits, target) - _target_logits(f(baseline), target)  # [B]
-    total = jnp.sum(attributions.reshape(x.shape[0], -1), axis=1)  # [B]
+    delta = delta.astype(np.promote_types(delta.dtype, acc))
+    total = jnp.sum(attributions.reshape(x.shape[0], -1).astype(delta.dtype), axis=1)  # [B]
     return jnp.abs(total - delta) / jnp.maximum(jnp.abs(delta), _TINY)
 
 

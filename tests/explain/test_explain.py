@@ -241,6 +241,16 @@ def test_integrated_gradients_completeness_on_cnn_and_trained_mlp(cnn, digits, m
         np.testing.assert_allclose(gap, np.abs(total - delta) / np.abs(delta), atol=1e-4)
 
 
+def test_completeness_gap_float16_divides_a_zero_difference_by_tiny_not_zero():
+    # float16 rounds the 1e-12 floor to 0: the gap of a zero logit difference was 0 / 0.
+    w = jnp.asarray([[1.0, 0.0], [-1.0, 2.0]], jnp.float16)
+    f = lambda v: v @ w  # noqa: E731
+    x = jnp.asarray([[1.0, 1.0], [0.5, 0.25]], jnp.float16)  # row 0: logit 0 difference 0
+    attributions = x * w[:, 0]  # exact for a linear model: sums to the difference
+    gap = np.asarray(completeness_gap(f, x, attributions, target=jnp.array([0, 0])))
+    np.testing.assert_array_equal(gap, 0.0)
+
+
 def test_bias_free_relu_mlp_ig_is_gradient_x_input_up_to_the_kink_at_zero():
     # f(a x) = a f(x) for a > 0, so the gradient is constant along the path
     # from 0, except at 0 itself where every ReLU sits at its kink (gradient 0).
