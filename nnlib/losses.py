@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PyTree
 
@@ -99,7 +100,7 @@ def _weighted_mean(values: Array, weights: Array | None) -> Array:
     # Accumulate in float32 at least, as jnp.mean does: a float16 count overflows to inf
     # past 65504 examples (inf / inf = NaN), and bfloat16 rounds it to 8 bits.
     dtype = values.dtype
-    acc = jnp.promote_types(dtype, jnp.float32)
+    acc = np.promote_types(dtype, np.float32)  # numpy's: jnp's raises under strict promotion
     values, weights = values.astype(acc), weights.astype(acc)
     total = jnp.sum(jnp.where(weights != 0, values * weights, 0))
     count = jnp.sum(weights)

@@ -170,6 +170,18 @@ def test_float16_masked_mean_over_more_than_65504_examples_is_finite():
                                rtol=1e-3)
 
 
+def test_half_precision_masked_mean_under_strict_dtype_promotion():
+    # The masked mean widens half precision to float32 itself; under strict promotion
+    # (no implicit bf16 -> f32) it must still run, as the unmasked mean does.
+    logits = jnp.asarray(_rng(5).normal(size=(3, 4)), jnp.bfloat16)
+    labels, mask = jnp.array([0, 1, 2]), jnp.array([1.0, 1.0, 0.0])
+    with jax.numpy_dtype_promotion("strict"):
+        got = losses.softmax_cross_entropy(logits, labels, mask=mask)
+    assert got.dtype == jnp.bfloat16
+    ref = np_softmax_ce(np.asarray(logits, np.float32), np.asarray(labels))[:2].mean()
+    np.testing.assert_allclose(float(got), ref, rtol=1e-2)
+
+
 def test_binary_cross_entropy_is_stable_for_huge_logits():
     logits = np.array([-200.0, -30.0, 0.0, 30.0, 200.0], np.float32)
     labels = np.array([1.0, 0.0, 1.0, 1.0, 0.0], np.float32)
