@@ -18,7 +18,7 @@ from nnlib.layers.attention import (
 from nnlib.layers.conv import Conv1D, Conv2D, ConvBlock1D, ConvBlock2D
 from nnlib.layers.dense import MLP, Dense, matmul_last_axis
 from nnlib.layers.initializers import orthogonal
-from nnlib.layers.normalization import BatchNorm, Dropout, LayerNorm, dropout
+from nnlib.layers.normalization import BatchNorm, Dropout, LayerNorm, dropout, l2_normalize
 from nnlib.layers.pooling import (
     AvgPool1D,
     AvgPool2D,
@@ -88,6 +88,7 @@ __all__ = [
     "dot_product_attention_weights",
     "dropout",
     "get_activation",
+    "l2_normalize",
     "matmul_last_axis",
     "max_pool",
     "orthogonal",

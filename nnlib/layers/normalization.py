@@ -8,6 +8,8 @@
 - ``Dropout`` zeroes units with probability ``rate`` during training and
   rescales the rest by ``1 / (1 - rate)`` (inverted dropout), driven by an
   explicit PRNG key: the ``"dropout"`` rng stream or an ``rng`` argument.
+- ``l2_normalize`` scales vectors to unit length (CLIP's and the sentence
+  encoders' embeddings).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from nnlib.layers._checks import check_input, param_shape
@@ -43,6 +46,17 @@ def _feature_mean(x: Array) -> Array:
     ones = jnp.ones((x.shape[-1], 1), x.dtype)
     total = jnp.matmul(x, ones, precision=jax.lax.Precision.HIGHEST)
     return total / jnp.asarray(x.shape[-1], x.dtype)
+
+
+def l2_normalize(x: Float[Array, "... features"], eps: float = 1e-12
+                 ) -> Float[Array, "... features"]:
+    """``x / max(||x||, eps)`` over the last axis (PyTorch's ``F.normalize``); zero
+    vectors stay finite. Half precision is normalized in float32 and cast back."""
+    # In float32 at least: in float16 the sum of squares overflows for a norm above
+    # 256, and eps = 1e-12 rounds to 0 (a zero vector would give 0 / 0).
+    wide = x.astype(np.promote_types(x.dtype, np.float32))
+    norm = jnp.sqrt(jnp.sum(wide * wide, axis=-1, keepdims=True))
+    return (wide / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
 class LayerNorm(nn.Module):

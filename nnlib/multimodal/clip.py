@@ -64,22 +64,13 @@ from nnlib.layers import (
     Flatten,
     LearnedPositionalEmbedding,
     TransformerEncoder,
+    l2_normalize,
 )
 from nnlib.layers._checks import ShapeError, check_input
 
 INIT_LOG_SCALE = math.log(1 / 0.07)  # Radford et al. 2021: temperature 0.07
 MAX_LOG_SCALE = math.log(100.0)  # ... and the scale clipped at 100
 _MASKED = -1e9  # logit of a padding column: exp() underflows to exactly 0
-
-
-def l2_normalize(x: Float[Array, "... features"], eps: float = 1e-12
-                 ) -> Float[Array, "... features"]:
-    """``x / ||x||`` over the last axis (zero vectors stay finite)."""
-    # In float32 at least: in float16 the sum of squares overflows for a norm above
-    # 256, and eps = 1e-12 rounds to 0 (a zero vector would give 0 / 0).
-    wide = x.astype(np.promote_types(x.dtype, np.float32))
-    norm = jnp.sqrt(jnp.sum(wide * wide, axis=-1, keepdims=True))
-    return (wide / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
 class ImageEncoder(nn.Module):

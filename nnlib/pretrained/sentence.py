@@ -33,7 +33,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from nnlib.layers.dense import Dense
-from nnlib.layers.normalization import Dropout
+from nnlib.layers.normalization import Dropout, l2_normalize
 from nnlib.models.bert import Bert, BertConfig
 
 _HEAD_STDDEV = 0.02  # BERT's initializer_range, as BertForSequenceClassification
@@ -52,16 +52,6 @@ def mean_pool(
     weights = jnp.asarray(mask).astype(acc)[..., None]  # [B, T, 1]
     total = jnp.sum(hidden.astype(acc) * weights, axis=1)  # [B, H]
     return (total / jnp.maximum(jnp.sum(weights, axis=1), 1e-9)).astype(hidden.dtype)
-
-
-def l2_normalize(x: Float[Array, "batch hidden"], eps: float = 1e-12
-                 ) -> Float[Array, "batch hidden"]:
-    """``x / max(||x||, eps)`` row by row (PyTorch's ``F.normalize``)."""
-    # In float32 at least: in float16 the sum of squares overflows for a norm above
-    # 256, and eps = 1e-12 rounds to 0 (a zero row would give 0 / 0).
-    wide = x.astype(np.promote_types(x.dtype, np.float32))
-    norm = jnp.linalg.norm(wide, axis=-1, keepdims=True)
-    return (wide / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
 class SentenceClassifier(nn.Module):

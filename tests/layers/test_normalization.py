@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
-from nnlib.layers import BatchNorm, Dropout, LayerNorm, ShapeError, dropout
+from nnlib.layers import BatchNorm, Dropout, LayerNorm, ShapeError, dropout, l2_normalize
 from nnlib.layers.normalization import _feature_mean
 
 KEY = jax.random.key(0)
@@ -61,6 +61,18 @@ def test_layer_norm_gradients():
         p = jax.tree.map(lambda a: a.astype(jnp.float64), ln.init(KEY, x))
         check_grads(lambda p, x: jnp.sum(jnp.sin(ln.apply(p, x))), (p, x), order=2,
                     modes=("rev",))
+
+
+def test_l2_normalize_matches_numpy_and_keeps_zero_and_half_precision_finite():
+    x = _rand((2, 3, 5), scale=3.0)
+    np.testing.assert_allclose(l2_normalize(x), x / np.linalg.norm(x, axis=-1, keepdims=True),
+                               rtol=1e-6)
+    # float16: a zero vector stays 0 (eps would round to 0) and a norm of 632 does not
+    # overflow its sum of squares.
+    np.testing.assert_array_equal(l2_normalize(jnp.zeros((1, 4), jnp.float16)), np.zeros((1, 4)))
+    big = l2_normalize(jnp.full((1, 1000), 20.0, jnp.float16))
+    assert big.dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(big, np.float32), 1 / np.sqrt(1000), rtol=1e-3)
 
 
 @pytest.mark.parametrize("shape", [(16, 4), (8, 3, 3, 5)])
