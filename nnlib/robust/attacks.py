@@ -179,8 +179,8 @@ def project_onto_ball(
 def _project(delta: Array, epsilon: Array, norm: str) -> Array:
     if norm == "linf":
         return jnp.clip(delta, -epsilon, epsilon)
-    norm = _per_example_l2(delta)  # [B, 1, ...]
-    scale = jnp.minimum(1.0, epsilon.astype(norm.dtype) / jnp.maximum(norm, _TINY))
+    length = _per_example_l2(delta)  # [B, 1, ...]
+    scale = jnp.minimum(1.0, epsilon.astype(length.dtype) / jnp.maximum(length, _TINY))
     return delta * scale.astype(delta.dtype)
 
 
@@ -188,8 +188,8 @@ def _steepest_ascent(grad: Array, norm: str) -> Array:
     """The unit-norm direction maximizing ``<grad, d>``: sign for L-inf, normalized for L2."""
     if norm == "linf":
         return jnp.sign(grad)
-    norm = _per_example_l2(grad)
-    return (grad.astype(norm.dtype) / jnp.maximum(norm, _TINY)).astype(grad.dtype)
+    length = _per_example_l2(grad)
+    return (grad.astype(length.dtype) / jnp.maximum(length, _TINY)).astype(grad.dtype)
 
 
 def _random_start(key: Array, x: Array, epsilon: Array, norm: str) -> Array:
@@ -205,8 +205,8 @@ def _random_start(key: Array, x: Array, epsilon: Array, norm: str) -> Array:
         return jax.random.uniform(key, x.shape, x.dtype, -epsilon, epsilon)
     direction_key, radius_key = jax.random.split(key)
     direction = jax.random.normal(direction_key, x.shape, x.dtype)
-    norm = _per_example_l2(direction)
-    direction = (direction.astype(norm.dtype) / jnp.maximum(norm, _TINY)).astype(x.dtype)
+    length = _per_example_l2(direction)
+    direction = (direction.astype(length.dtype) / jnp.maximum(length, _TINY)).astype(x.dtype)
     d = math.prod(x.shape[1:])
     u = jax.random.uniform(radius_key, (x.shape[0],) + (1,) * (x.ndim - 1), x.dtype)
     return direction * (epsilon * u ** (1.0 / d))
