@@ -102,6 +102,9 @@ class RNNClassifier(nn.Module):
       unroll: time steps per scan iteration (``jax.lax.scan``'s ``unroll``;
         ``None``: ``nnlib.layers.RNN``'s default); the same function, fewer
         loop trips.
+      native: ``nnlib.layers.RNN``'s ``native``: LSTM layers run nnlib's native
+        CPU kernel where it applies (``False``: XLA's recurrence, e.g. for
+        XLA's FLOP count of the whole loop).
 
     Parameters: ``layer_{i}/cell`` (unidirectional) or
     ``layer_{i}/forward_cell`` and ``layer_{i}/backward_cell``, then
@@ -120,6 +123,7 @@ class RNNClassifier(nn.Module):
     dropout_rate: float = 0.0
     pooling: str = "last"
     unroll: int | None = None
+    native: bool = True
 
     @nn.compact
     def __call__(
@@ -159,6 +163,7 @@ class RNNClassifier(nn.Module):
                     _make_cell(name, self.cell, self.hidden_size),
                     _make_cell(name, self.cell, self.hidden_size),
                     unroll=self.unroll,
+                    native=self.native,
                     name=f"layer_{i}",
                 )
                 (carry_f, carry_b), h = layer(h, mask=mask)  # h: [B, T, 2H]
@@ -167,7 +172,7 @@ class RNNClassifier(nn.Module):
                 )  # [B, 2H]
             else:
                 layer = RNN(_make_cell(name, self.cell, self.hidden_size), unroll=self.unroll,
-                            name=f"layer_{i}")
+                            native=self.native, name=f"layer_{i}")
                 carry, h = layer(h, mask=mask)  # h: [B, T, H]
                 last = _last_hidden(carry)  # [B, H]
 
@@ -198,6 +203,7 @@ class RNNLanguageModel(nn.Module):
       dropout_rate: dropout on the embeddings, between layers and before the
         head (``train=True``).
       unroll: time steps per scan iteration, as in :class:`RNNClassifier`.
+      native: the native LSTM kernel where it applies, as in :class:`RNNClassifier`.
 
     Parameters: ``embedding/embedding [V, E]``, ``layer_{i}/cell``,
     ``head`` (``kernel: [H, V]``). For an LSTM the count is
@@ -215,6 +221,7 @@ class RNNLanguageModel(nn.Module):
     cell: str = "lstm"
     dropout_rate: float = 0.0
     unroll: int | None = None
+    native: bool = True
 
     @nn.compact
     def __call__(
@@ -246,7 +253,7 @@ class RNNLanguageModel(nn.Module):
         h = Dropout(self.dropout_rate)(h, train=train)
         for i in range(self.num_layers):
             layer = RNN(_make_cell(name, self.cell, self.hidden_size), unroll=self.unroll,
-                        name=f"layer_{i}")
+                        native=self.native, name=f"layer_{i}")
             _, h = layer(h)  # [B, T, H]
             h = Dropout(self.dropout_rate)(h, train=train)
         return Dense(self.vocab_size, name="head")(h)  # [B, T, V]

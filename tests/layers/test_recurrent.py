@@ -688,21 +688,22 @@ def test_features_first_default_rule(monkeypatch):
     """``features_first=None`` lays the loop out [features, batch] (the recurrent
     product [G*H, B]) only on the CPU, for a SimpleRNN or LSTM, a batch of at
     most ``FEATURES_FIRST_MAX_BATCH`` and a hidden size of at least
-    ``FEATURES_FIRST_MIN_HIDDEN``; otherwise [B, G*H]."""
+    ``FEATURES_FIRST_MIN_HIDDEN``; otherwise [B, G*H]. (The LSTMs run XLA's
+    recurrence here, ``native=False``: the native kernel has no scan.)"""
     import nnlib.layers.recurrent as recurrent
 
     monkeypatch.setattr(recurrent, "FEATURES_FIRST_MAX_BATCH", 2)
     monkeypatch.setattr(recurrent, "FEATURES_FIRST_MIN_HIDDEN", 5)
     x = jnp.ones((2, 4, 3))
-    assert _recurrent_product_shapes(RNN(LSTMCell(5)), x) == [(20, 2)]
+    assert _recurrent_product_shapes(RNN(LSTMCell(5), native=False), x) == [(20, 2)]
     assert _recurrent_product_shapes(RNN(SimpleRNNCell(5)), x) == [(5, 2)]
     assert _recurrent_product_shapes(RNN(GRUCell(5)), x) == [(2, 15)]
-    assert _recurrent_product_shapes(RNN(LSTMCell(4)), x) == [(2, 16)]
-    assert _recurrent_product_shapes(RNN(LSTMCell(5)), jnp.ones((3, 4, 3))) == [(3, 20)]
-    assert _recurrent_product_shapes(RNN(LSTMCell(5), features_first=False), x) == [(2, 20)]
+    assert _recurrent_product_shapes(RNN(LSTMCell(4), native=False), x) == [(2, 16)]
+    assert _recurrent_product_shapes(RNN(LSTMCell(5), native=False), jnp.ones((3, 4, 3))) == [(3, 20)]
+    assert _recurrent_product_shapes(RNN(LSTMCell(5), features_first=False, native=False), x) == [(2, 20)]
     assert _recurrent_product_shapes(RNN(GRUCell(5), features_first=True), x) == [(15, 2)]
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert _recurrent_product_shapes(RNN(LSTMCell(5)), x) == [(2, 20)]
+    assert _recurrent_product_shapes(RNN(LSTMCell(5), native=False), x) == [(2, 20)]
 
 
 def test_takes_axis():

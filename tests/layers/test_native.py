@@ -1,0 +1,158 @@
+"""The native LSTM kernel (nnlib.layers._native) against XLA's recurrence.
+
+The reference is ``RNN(..., fused=False)``: a plain ``lax.scan`` of the cell,
+differentiated by JAX's own autodiff, which test_recurrent.py checks against
+PyTorch and finite differences. Shapes are chosen to leave partial vectors and
+partial register blocks in the kernel (hidden sizes that are not a multiple of
+the 16- or 64-unit panels, batches that are not a multiple of the 6-row block).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nnlib.layers import _native
+from nnlib.layers.recurrent import RNN, Bidirectional, LSTMCell
+
+HAS_COMPILER = shutil.which("c++") is not None
+
+
+@pytest.fixture(scope="module")
+def native():
+    if not HAS_COMPILER:
+        pytest.skip("no C++ compiler: RNN runs XLA's recurrence (tested elsewhere)")
+    # Where a compiler exists the kernel must build: a failure here is a bug.
+    assert _native.lstm_available(), _native.reason()
+
+
+def _value_and_grads(layer, params, x, carry=None):
+    def loss(params, x, carry):
+        (c, h), out = layer.apply(params, x, initial_carry=carry)
+        w = jnp.cos(jnp.arange(out.size, dtype=out.dtype)).reshape(out.shape)
+        return jnp.sum(out * w) + jnp.sum(jnp.sin(c)) + 0.5 * jnp.sum(h * h)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(params, x, carry)
+
+
+def _close(a, b, tol=2e-5):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "batch, time, hidden, reverse",
+    [(5, 7, 20, False), (5, 7, 20, True), (13, 3, 70, False), (1, 1, 3, True), (8, 4, 128, False)],
+)
+def test_matches_xla_recurrence(native, batch, time, hidden, reverse):
+    """Outputs, final carry and every gradient (weights, inputs, initial carry)."""
+    x = jax.random.normal(jax.random.key(0), (batch, time, 6))
+    cell = LSTMCell(hidden, forget_bias=1.0)
+    fast = RNN(cell, reverse=reverse)
+    plain = RNN(cell, reverse=reverse, fused=False)
+    params = fast.init(jax.random.key(1), x)
+    keys = jax.random.split(jax.random.key(2), 2)
+    carry = tuple(jax.random.normal(k, (batch, hidden)) for k in keys)
+    want = plain.apply(params, x, initial_carry=carry)
+    got = jax.jit(lambda p, x, c: fast.apply(p, x, initial_carry=c))(params, x, carry)
+    _close(got, want, 2e-6)
+    _close(_value_and_grads(fast, params, x, carry), _value_and_grads(plain, params, x, carry))
+
+
+def test_runs_the_native_call(native):
+    """The fast path is really taken (an FFI call in the program), and not
+    where it does not apply: a mask, float16, ``native=False``."""
+    x = jnp.ones((2, 3, 4))
+    layer = RNN(LSTMCell(8))
+    params = layer.init(jax.random.key(0), x)
+
+    def program(layer, x, **kw):
+        return str(jax.make_jaxpr(lambda p: layer.apply(p, x, **kw))(params))
+
+    assert "nnlib_lstm_forward" in program(layer, x)
+    assert "nnlib_lstm_forward" not in program(layer, x, mask=jnp.ones((2, 3), bool))
+    assert "nnlib_lstm_forward" not in program(RNN(LSTMCell(8), native=False), x)
+    assert "nnlib_lstm_forward" not in program(RNN(LSTMCell(8, dtype=jnp.float16)),
+                                                x.astype(jnp.float16))
+
+
+def test_vmap_and_bidirectional(native):
+    """Under ``vmap`` (an ensemble's parameters) the call runs per member; a
+    bidirectional layer runs two calls, forward and reverse."""
+    x = jax.random.normal(jax.random.key(0), (3, 5, 4))
+    layer = Bidirectional(LSTMCell(9), LSTMCell(9))
+    keys = jax.random.split(jax.random.key(1), 3)
+    params = jax.vmap(lambda k: layer.init(k, x))(keys)
+    got = jax.vmap(lambda p: layer.apply(p, x))(params)
+    member = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+    for i in range(3):
+        _close(member(got, i), layer.apply(member(params, i), x), 1e-6)
+    # gradients under vmap against per-member gradients
+    loss = lambda p: jnp.sum(layer.apply(p, x)[1] ** 2)
+    grads = jax.vmap(jax.grad(loss))(params)
+    for i in range(3):
+        _close(member(grads, i), jax.grad(loss)(member(params, i)))
+
+
+def test_zero_steps(native):
+    x = jnp.ones((2, 0, 3))
+    layer = RNN(LSTMCell(4))
+    params = layer.init(jax.random.key(0), jnp.ones((2, 1, 3)))
+    carry, out = layer.apply(params, x)
+    assert out.shape == (2, 0, 4)
+    _close(carry, (jnp.zeros((2, 4)), jnp.zeros((2, 4))))
+
+
+def test_build_failures_are_reported(tmp_path):
+    """No compiler, or one that fails: no library and the reason why."""
+    library, why = _native.build(cxx="nnlib-no-such-compiler", cache_dir=tmp_path)
+    assert library is None and "not found" in why
+    library, why = _native.build(cxx="false", cache_dir=tmp_path)
+    assert library is None and "failed" in why
+    assert list(tmp_path.iterdir()) == []  # no partial library left behind
+
+
+def test_build_is_cached(native, tmp_path):
+    """A second build finds the first one's library (keyed by source, compiler, CPU)."""
+    first, _ = _native.build(cache_dir=tmp_path)
+    stamp = first.stat().st_mtime_ns
+    second, _ = _native.build(cache_dir=tmp_path)
+    assert second == first and second.stat().st_mtime_ns == stamp
+
+
+def test_turned_off_by_environment():
+    """``NNLIB_NATIVE=0``: no kernel, the XLA recurrence, and the reason."""
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp
+        from nnlib.layers import _native
+        from nnlib.layers.recurrent import RNN, LSTMCell
+        assert not _native.lstm_available()
+        assert _native.reason() == "NNLIB_NATIVE=0"
+        layer = RNN(LSTMCell(4))
+        x = jnp.ones((2, 3, 5))
+        params = layer.init(jax.random.key(0), x)
+        assert "nnlib_lstm" not in str(jax.make_jaxpr(lambda p: layer.apply(p, x))(params))
+    """)
+    env = {"NNLIB_NATIVE": "0", "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+
+
+def test_unavailable_warns_once(monkeypatch):
+    """A failed build warns once and RNN falls back to XLA's recurrence."""
+    monkeypatch.setattr(_native, "_state", {"loaded": None, "reason": "not built yet"})
+    monkeypatch.setattr(_native, "build", lambda: (None, "no C++ compiler (test)"))
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert not _native.lstm_available()
+    assert not _native.lstm_available()  # no second build, no second warning
+    assert _native.reason() == "no C++ compiler (test)"
+    x = jnp.ones((2, 3, 5))
+    layer = RNN(LSTMCell(4))
+    params = layer.init(jax.random.key(0), x)
+    assert "nnlib_lstm" not in str(jax.make_jaxpr(lambda p: layer.apply(p, x))(params))
