@@ -1,4 +1,4 @@
-"""Native CPU kernels, compiled on first use: the LSTM recurrence.
+"""Native CPU kernels, compiled on first use: the LSTM recurrence and attention.
 
 XLA runs a recurrent layer as a ``lax.scan`` of separate operations: every
 step hands a small matmul to the CPU's matmul library and the gates to a
@@ -7,23 +7,27 @@ sizes recurrent nets use. PyTorch's LSTM on the CPU is one oneDNN call for the
 whole sequence each way. ``native/lstm.cc`` is nnlib's such kernel, called from
 XLA through its FFI (``jax.ffi``): the time loop, the recurrent products (the
 weights laid out once per call) and the gates run in one call forward and
-one backward, with the cores splitting every step by hidden unit. The
-inputs' projection and the recurrent weight gradient (one product over all
-steps) stay in XLA. On the 2-core benchmark machine the LSTM layer's forward
-+ backward (batch 32, 64 steps, hidden 256) went from ~37 ms in XLA's scan to
-~20 ms, PyTorch's oneDNN LSTM's time (``experiments/bench/NOTES.md``).
+one backward, with the cores splitting every step by hidden unit; the
+backward call also forms the weight and bias gradients. Only the inputs'
+projection and its gradients stay in XLA. On the 2-core benchmark machine the
+LSTM layer's forward + backward (batch 32, 64 steps, hidden 256) went from
+~37 ms in XLA's scan to ~24 ms (``experiments/bench/NOTES.md``).
 
-The kernel is C++ source shipped with the package. ``lstm_available()``
-compiles it once per machine with the system's C++ compiler (``$CXX``, else
-``c++``; ``-O3 -march=native``, ~3 s) into ``$NNLIB_CACHE_DIR/native`` (default
-``~/.cache/nnlib/native``), keyed by the source, the compiler and the CPU,
-and registers it with XLA. Where no compiler is found or the build fails,
-``nnlib.layers.RNN`` runs its XLA recurrence instead, with a warning once.
+``native/attention.cc`` is softmax attention the same way, one (batch, head)
+pair per task (``nnlib.layers.dot_product_attention(implementation="native")``).
+
+The kernels are C++ source shipped with the package. ``available()``
+compiles them once per machine with the system's C++ compiler (``$CXX``, else
+``c++``; ``-O3 -march=native``, a few seconds) into ``$NNLIB_CACHE_DIR/native``
+(default ``~/.cache/nnlib/native``), keyed by the source, the compiler and the
+CPU, and registers them with XLA. Where no compiler is found or the build
+fails, nnlib runs XLA programs instead, with a warning once.
 ``NNLIB_NATIVE=0`` in the environment turns the kernels off.
 
 ``lstm_recurrence`` has a custom VJP (reverse mode: ``grad``, ``vjp``); like
 the rest of ``RNN``'s fused path it has no forward mode (``RNN(fused=False)``
-for ``jax.jvp``). Under ``jax.vmap`` the call runs once per batch element.
+for ``jax.jvp``). ``attention`` has every derivative (see below). Under
+``jax.vmap`` a call runs once per element of the mapped axis.
 """
 
 from __future__ import annotations
@@ -45,12 +49,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from nnlib.runtime import env_enabled
 
-SOURCE = Path(__file__).parent / "native" / "lstm.cc"
+NATIVE_DIR = Path(__file__).parent / "native"
+SOURCES = (NATIVE_DIR / "lstm.cc", NATIVE_DIR / "attention.cc")
+HEADERS = (NATIVE_DIR / "common.h",)
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fno-math-errno",
          "-pthread", "-w")
+#: XLA FFI target name -> the library's handler symbol.
+TARGETS = {
+    "nnlib_lstm_forward": "NnlibLstmForward",
+    "nnlib_lstm_backward": "NnlibLstmBackward",
+    "nnlib_attention_forward": "NnlibAttentionForward",
+    "nnlib_attention_backward": "NnlibAttentionBackward",
+}
 _FORWARD, _BACKWARD = "nnlib_lstm_forward", "nnlib_lstm_backward"
 _lock = threading.Lock()
 _state: dict[str, Any] = {"loaded": None, "reason": "not built yet"}
@@ -72,8 +87,8 @@ def _cpu_signature() -> str:
 
 
 def build(cxx: str | None = None, cache_dir: Path | None = None) -> tuple[Path | None, str]:
-    """Compiles ``native/lstm.cc`` (or finds it compiled): ``(library path, "")``
-    or ``(None, why not)``."""
+    """Compiles the kernels in ``native/`` into one library (or finds it
+    compiled): ``(library path, "")`` or ``(None, why not)``."""
     cxx = cxx or os.environ.get("CXX") or "c++"
     if shutil.which(cxx) is None:
         return None, f"no C++ compiler ({cxx!r} not found)"
@@ -85,11 +100,11 @@ def build(cxx: str | None = None, cache_dir: Path | None = None) -> tuple[Path |
         return None, f"{cxx} --version failed: {error}"
     include = jax.ffi.include_dir()
     key = hashlib.sha256(
-        "\n".join([SOURCE.read_text(), cxx, version, " ".join(FLAGS), _cpu_signature(),
-                   include, jax.__version__]).encode()
+        "\n".join([*(f.read_text() for f in (*SOURCES, *HEADERS)), cxx, version,
+                   " ".join(FLAGS), _cpu_signature(), include, jax.__version__]).encode()
     ).hexdigest()[:16]
     directory = cache_dir or _cache_dir()
-    library = directory / f"lstm-{key}.so"
+    library = directory / f"nnlib-native-{key}.so"
     if library.exists():
         return library, ""
     try:
@@ -99,7 +114,8 @@ def build(cxx: str | None = None, cache_dir: Path | None = None) -> tuple[Path |
         fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(fd)
         result = subprocess.run(
-            [cxx, *FLAGS, "-I", include, str(SOURCE), "-o", partial],
+            [cxx, *FLAGS, "-I", include, "-I", str(NATIVE_DIR), *map(str, SOURCES),
+             "-o", partial],
             capture_output=True, text=True, timeout=600,
         )
         if result.returncode != 0:
@@ -111,9 +127,9 @@ def build(cxx: str | None = None, cache_dir: Path | None = None) -> tuple[Path |
     return library, ""
 
 
-def lstm_available() -> bool:
-    """Whether the native LSTM kernel is built and registered with XLA (builds it
-    on the first call; ``False`` with ``NNLIB_NATIVE=0`` or when it cannot be
+def available() -> bool:
+    """Whether the native kernels are built and registered with XLA (builds them
+    on the first call; ``False`` with ``NNLIB_NATIVE=0`` or when they cannot be
     built, the reason in ``reason()``)."""
     if not env_enabled("NNLIB_NATIVE"):
         return False
@@ -123,21 +139,25 @@ def lstm_available() -> bool:
             if library is not None:
                 try:
                     lib = ctypes.CDLL(str(library))
-                    jax.ffi.register_ffi_target(
-                        _FORWARD, jax.ffi.pycapsule(lib.NnlibLstmForward), platform="cpu")
-                    jax.ffi.register_ffi_target(
-                        _BACKWARD, jax.ffi.pycapsule(lib.NnlibLstmBackward), platform="cpu")
+                    for target, symbol in TARGETS.items():
+                        jax.ffi.register_ffi_target(
+                            target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
                     _state["library"] = lib  # keep it loaded
                 except (OSError, AttributeError) as error:
                     library, why = None, f"loading {library} failed: {error}"
             _state.update(loaded=library is not None, reason=why)
             if library is None:
                 warnings.warn(
-                    f"nnlib's native LSTM kernel is not available ({why}); "
-                    "nnlib.layers.RNN runs LSTMs with its XLA recurrence",
+                    f"nnlib's native CPU kernels are not available ({why}); "
+                    "LSTMs and attention run as XLA programs instead",
                     RuntimeWarning, stacklevel=2,
                 )
         return bool(_state["loaded"])
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError(f"nnlib's native kernels are not available ({reason()})")
 
 
 def reason() -> str:
@@ -160,15 +180,17 @@ def _forward_call(kernel, bias, c0, h0, projected, reverse):
     )(projected, kernel, bias, c0, h0, reverse=np.int64(reverse))
 
 
-def _backward_call(kernel, gates, cs, c0, ct_hs, ct_c, ct_h, reverse):
+def _backward_call(kernel, gates, cs, c0, hs, h0, ct_hs, ct_c, ct_h, reverse):
     f32 = jnp.float32
     return jax.ffi.ffi_call(
         _BACKWARD,
         (jax.ShapeDtypeStruct(gates.shape, f32),
          jax.ShapeDtypeStruct(c0.shape, f32),
-         jax.ShapeDtypeStruct(c0.shape, f32)),
+         jax.ShapeDtypeStruct(c0.shape, f32),
+         jax.ShapeDtypeStruct(kernel.shape, f32),
+         jax.ShapeDtypeStruct(kernel.shape[-1:], f32)),
         vmap_method="sequential",
-    )(kernel, gates, cs, c0, ct_hs, ct_c, ct_h, reverse=np.int64(reverse))
+    )(kernel, gates, cs, c0, hs, h0, ct_hs, ct_c, ct_h, reverse=np.int64(reverse))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -187,18 +209,9 @@ def _recurrence_fwd(kernel, bias, c0, h0, projected, reverse):
 def _recurrence_bwd(reverse, residuals, cotangents):
     kernel, c0, h0, hs, cs, gates = residuals
     (ct_c, ct_h), ct_hs = cotangents
-    ct_z, ct_c0, ct_h0 = _backward_call(kernel, gates, cs, c0, ct_hs, ct_c, ct_h, reverse)
-    # h_{t-1} of every step, in time order, for dW = sum_t h_{t-1}^T dz_t.
-    if reverse:
-        previous = jnp.concatenate([hs[1:], h0[None]], axis=0)
-    else:
-        previous = jnp.concatenate([h0[None], hs[:-1]], axis=0)
-    hidden = kernel.shape[0]
-    # Transposed in memory first, as in _recurrence.recurrence: as a
-    # transposed operand the product leaves the CPU's fast matmul library.
-    previous_t = jax.lax.optimization_barrier(previous.reshape(-1, hidden).T)  # [H, T*B]
-    ct_kernel = previous_t @ ct_z.reshape(-1, ct_z.shape[-1])  # [H, 4H]
-    return ct_kernel, ct_z.sum(axis=(0, 1)), ct_c0, ct_h0, ct_z
+    ct_z, ct_c0, ct_h0, ct_kernel, ct_bias = _backward_call(
+        kernel, gates, cs, c0, hs, h0, ct_hs, ct_c, ct_h, reverse)
+    return ct_kernel, ct_bias, ct_c0, ct_h0, ct_z
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -229,6 +242,7 @@ def lstm_recurrence(
       ``((c, h), outputs)``: the state after the last step processed and
       ``outputs: [T, B, H]``. Needs ``lstm_available()``.
     """
+    _require()
     c0, h0 = carry
     if bias is None:
         bias = jnp.zeros(projected.shape[-1:], projected.dtype)
@@ -240,3 +254,180 @@ def lstm_recurrence(
     zero = jnp.zeros_like(projected, shape=())
     kernel, bias, c0, h0 = (x + zero for x in (kernel, bias, c0, h0))
     return _recurrence(kernel, bias, c0, h0, projected, bool(reverse))
+
+
+# --------------------------------------------------------------------------- #
+# Attention.
+# --------------------------------------------------------------------------- #
+#
+# ``native/attention.cc`` computes softmax attention forward (saving each
+# row's log-sum-exp) and backward, one (batch, head) pair per task. To keep
+# forward-mode autodiff (``jax.jvp``, ``jax.hessian``) working, the native
+# backward is reached as the *transpose* of a linear primitive rather than
+# through a custom VJP:
+#
+# - ``_attention`` is a ``custom_jvp`` function: its primal is the native
+#   forward call, its tangent the primitive ``_attention_tangent_p``, linear in
+#   the tangents of q, k and v.
+# - ``_attention_tangent_p`` is lowered, where it is evaluated (forward mode),
+#   as plain XLA operations (``_reference_tangent``); reverse mode never
+#   evaluates it but transposes it, and its transpose rule is the native
+#   backward call.
+# - The native backward is itself a ``custom_jvp`` function whose derivative
+#   is that of the XLA reference backward, so second derivatives work too
+#   (through XLA's operations).
+#
+# The log-sum-exp is an output with a real tangent (the backward reads it), so
+# every derivative order stays exact.
+
+
+def _probabilities(q, k, mask, lse, scale):
+    """``P = exp(s q k^T - lse)`` where ``mask``, else 0: ``[B, H, q, kv]``."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    return jnp.where(mask != 0, jnp.exp(logits - lse[..., None]), 0.0)
+
+
+def _reference_tangent(q, k, v, mask, out, lse, dq, dk, dv, *, scale):
+    """The tangent of ``(out, lse)`` (XLA operations; linear in dq, dk, dv)."""
+    p = _probabilities(q, k, mask, lse, scale)
+    ds = (jnp.einsum("bqhd,bkhd->bhqk", dq, k) + jnp.einsum("bqhd,bkhd->bhqk", q, dk)) * scale
+    ds = jnp.where(mask != 0, ds, 0.0)
+    dlse = jnp.sum(p * ds, axis=-1)  # [B, H, q]
+    dp = p * (ds - dlse[..., None])
+    dout = jnp.einsum("bhqk,bkhd->bqhd", dp, v) + jnp.einsum("bhqk,bkhd->bqhd", p, dv)
+    return dout, dlse
+
+
+def _reference_backward(q, k, v, mask, out, lse, ct_out, *, scale):
+    """``(dq, dk, dv)`` from the output's cotangent (XLA operations)."""
+    p = _probabilities(q, k, mask, lse, scale)
+    dv = jnp.einsum("bhqk,bqhd->bkhd", p, ct_out)
+    dp = jnp.einsum("bqhd,bkhd->bhqk", ct_out, v)
+    row = jnp.swapaxes(jnp.sum(ct_out * out, axis=-1), 1, 2)  # [B, H, q]
+    ds = p * (dp - row[..., None]) * scale
+    dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k)
+    dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(7,))
+def _native_backward(q, k, v, mask, out, lse, ct_out, scale):
+    return jax.ffi.ffi_call(
+        "nnlib_attention_backward",
+        (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+         jax.ShapeDtypeStruct(k.shape, jnp.float32),
+         jax.ShapeDtypeStruct(v.shape, jnp.float32)),
+        vmap_method="sequential",
+    )(q, k, v, mask, out, lse, ct_out, scale=np.float32(scale))
+
+
+@_native_backward.defjvp
+def _native_backward_jvp(scale, primals, tangents):
+    reference = functools.partial(_reference_backward, scale=scale)
+    return _native_backward(*primals, scale), jax.jvp(reference, primals, tangents)[1]
+
+
+_attention_tangent_p = Primitive("nnlib_attention_tangent")
+_attention_tangent_p.multiple_results = True
+
+
+@_attention_tangent_p.def_abstract_eval
+def _tangent_abstract_eval(q, k, v, mask, out, lse, dq, dk, dv, *, scale):
+    return (jax.core.ShapedArray(out.shape, out.dtype),
+            jax.core.ShapedArray(lse.shape, lse.dtype))
+
+
+def _tangent_transpose(cts, q, k, v, mask, out, lse, dq, dk, dv, *, scale):
+    ct_out, ct_lse = cts
+    linear = (dq, dk, dv)
+    if type(ct_out) is ad.Zero and type(ct_lse) is ad.Zero:
+        return [None] * 6 + [None] * 3
+    ct_out = ad.instantiate_zeros(ct_out)
+    if type(ct_lse) is ad.Zero:
+        grads = _native_backward(q, k, v, mask, out, lse, ct_out, scale)
+    else:  # the log-sum-exp is read (higher derivatives): XLA's transposition
+        def tangent(dq, dk, dv):
+            return _reference_tangent(q, k, v, mask, out, lse, dq, dk, dv, scale=scale)
+
+        zeros = tuple(jnp.zeros(x.shape, x.dtype) for x in (q, k, v))
+        grads = jax.linear_transpose(tangent, *zeros)((ct_out, ad.instantiate_zeros(ct_lse)))
+    return [None] * 6 + [g if ad.is_undefined_primal(x) else None
+                         for g, x in zip(grads, linear, strict=True)]
+
+
+def _tangent_jvp(primals, tangents, *, scale):
+    tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
+    return jax.jvp(functools.partial(_reference_tangent, scale=scale), primals, tangents)
+
+
+def _tangent_batch(args, dims, *, scale):
+    # One call per element of the mapped axis (the arrays' layouts have no
+    # free axis to fold it into).
+    mapped = [i for i, d in enumerate(dims) if d is not None]
+
+    def one(xs):
+        full = list(args)
+        for i, x in zip(mapped, xs, strict=True):
+            full[i] = x
+        return tuple(_attention_tangent_p.bind(*full, scale=scale))
+
+    outs = jax.lax.map(one, [jnp.moveaxis(args[i], dims[i], 0) for i in mapped])
+    return list(outs), [0, 0]
+
+
+_attention_tangent_p.def_impl(_reference_tangent)
+ad.primitive_jvps[_attention_tangent_p] = _tangent_jvp
+ad.primitive_transposes[_attention_tangent_p] = _tangent_transpose
+batching.primitive_batchers[_attention_tangent_p] = _tangent_batch
+mlir.register_lowering(
+    _attention_tangent_p, mlir.lower_fun(_reference_tangent, multiple_results=True)
+)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _attention(q, k, v, mask, scale):
+    batch, q_len, heads, _ = q.shape
+    return jax.ffi.ffi_call(
+        "nnlib_attention_forward",
+        (jax.ShapeDtypeStruct((batch, q_len, heads, v.shape[-1]), jnp.float32),
+         jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
+        vmap_method="sequential",
+    )(q, k, v, mask, scale=np.float32(scale))
+
+
+@_attention.defjvp
+def _attention_jvp(scale, primals, tangents):
+    q, k, v, mask = primals
+    dq, dk, dv, _ = tangents
+    out, lse = _attention(q, k, v, mask, scale)
+    dout, dlse = _attention_tangent_p.bind(q, k, v, mask, out, lse, dq, dk, dv, scale=scale)
+    return (out, lse), (dout, dlse)
+
+
+def attention(query: Array, key: Array, value: Array, mask: Array | None = None) -> Array:
+    """``softmax(q k^T / sqrt(head_dim)) v`` per head, in the native kernel.
+
+    Args:
+      query: ``[batch, q_len, heads, head_dim]`` float32.
+      key: ``[batch, kv_len, heads, head_dim]`` float32.
+      value: ``[batch, kv_len, heads, v_head_dim]`` float32.
+      mask: boolean, rank 4, broadcastable to ``[batch, heads, q_len,
+        kv_len]`` (True = may attend); a query that may attend to no key
+        gets an output of 0, as ``nnlib.layers.dot_product_attention``.
+
+    Returns:
+      ``[batch, q_len, heads, v_head_dim]``. Every derivative (reverse mode
+      through the native backward, forward mode and higher orders through
+      XLA's operations). Needs ``available()``.
+    """
+    _require()
+    batch, q_len, heads, head_dim = query.shape
+    kv_len = key.shape[1]
+    if mask is None:
+        mask = jnp.ones((1, 1, q_len, kv_len), jnp.uint8)
+    else:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        mask = jnp.broadcast_to(mask, (*mask.shape[:2], q_len, kv_len)).astype(jnp.uint8)
+    scale = float(1.0 / np.sqrt(head_dim))
+    out, _ = _attention(query, key, value, mask, scale)
+    return out

@@ -58,7 +58,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from nnlib.layers._checks import ShapeError, check_input, check_mask, param_shape
-from nnlib.layers._native import lstm_available, lstm_recurrence
+from nnlib.layers._native import available, lstm_recurrence
 from nnlib.layers._recurrence import recurrence, varying_like
 from nnlib.layers.activations import get_activation
 from nnlib.layers.dense import Dense, matmul_last_axis
@@ -464,7 +464,7 @@ class RNN(nn.Module):
         LSTM does) where it applies: float32, on the CPU, no ``mask``, and the
         kernel built (it compiles on first use with the system's C++
         compiler; ``NNLIB_NATIVE=0`` turns it off). The same math to float
-        rounding; the benchmark's LSTM layer, forward + backward, ~37 -> ~20
+        rounding; the benchmark's LSTM layer, forward + backward, ~37 -> ~24
         ms. ``features_first`` does not apply to it. ``False``: always XLA.
 
     Shapes: ``inputs: [batch, time, features]``, ``mask: [batch, time]``,
@@ -506,7 +506,7 @@ class RNN(nn.Module):
             and projected.dtype == jnp.float32
             and all(c.dtype == jnp.float32 for c in jax.tree.leaves(carry))
             and jnp.dtype(self.cell.param_dtype) == jnp.float32
-            and lstm_available()
+            and available()
         )
 
     @nn.compact

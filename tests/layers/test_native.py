@@ -1,8 +1,9 @@
-"""The native LSTM kernel (nnlib.layers._native) against XLA's recurrence.
+"""The native kernels (nnlib.layers._native) against XLA's programs.
 
-The reference is ``RNN(..., fused=False)``: a plain ``lax.scan`` of the cell,
-differentiated by JAX's own autodiff, which test_recurrent.py checks against
-PyTorch and finite differences. Shapes are chosen to leave partial vectors and
+The LSTM's reference is ``RNN(..., fused=False)``: a plain ``lax.scan`` of the
+cell, differentiated by JAX's own autodiff, which test_recurrent.py checks
+against PyTorch and finite differences; attention's is
+``dot_product_attention(implementation="explicit")``, checked there the same way. Shapes are chosen to leave partial vectors and
 partial register blocks in the kernel (hidden sizes that are not a multiple of
 the 16- or 64-unit panels, batches that are not a multiple of the 6-row block).
 """
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 from nnlib.layers import _native
+from nnlib.layers.attention import causal_mask, dot_product_attention
 from nnlib.layers.recurrent import RNN, Bidirectional, LSTMCell
 
 HAS_COMPILER = shutil.which("c++") is not None
@@ -30,7 +32,7 @@ def native():
     if not HAS_COMPILER:
         pytest.skip("no C++ compiler: RNN runs XLA's recurrence (tested elsewhere)")
     # Where a compiler exists the kernel must build: a failure here is a bug.
-    assert _native.lstm_available(), _native.reason()
+    assert _native.available(), _native.reason()
 
 
 def _value_and_grads(layer, params, x, carry=None):
@@ -133,7 +135,7 @@ def test_turned_off_by_environment():
         import jax, jax.numpy as jnp
         from nnlib.layers import _native
         from nnlib.layers.recurrent import RNN, LSTMCell
-        assert not _native.lstm_available()
+        assert not _native.available()
         assert _native.reason() == "NNLIB_NATIVE=0"
         layer = RNN(LSTMCell(4))
         x = jnp.ones((2, 3, 5))
@@ -149,10 +151,91 @@ def test_unavailable_warns_once(monkeypatch):
     monkeypatch.setattr(_native, "_state", {"loaded": None, "reason": "not built yet"})
     monkeypatch.setattr(_native, "build", lambda: (None, "no C++ compiler (test)"))
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
-        assert not _native.lstm_available()
-    assert not _native.lstm_available()  # no second build, no second warning
+        assert not _native.available()
+    assert not _native.available()  # no second build, no second warning
     assert _native.reason() == "no C++ compiler (test)"
     x = jnp.ones((2, 3, 5))
     layer = RNN(LSTMCell(4))
     params = layer.init(jax.random.key(0), x)
     assert "nnlib_lstm" not in str(jax.make_jaxpr(lambda p: layer.apply(p, x))(params))
+
+
+# --- attention ---------------------------------------------------------------
+
+
+def _qkv(batch=2, q_len=5, kv_len=7, heads=3, head_dim=4, v_dim=None, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(k1, (batch, q_len, heads, head_dim)),
+            jax.random.normal(k2, (batch, kv_len, heads, head_dim)),
+            jax.random.normal(k3, (batch, kv_len, heads, v_dim or head_dim)))
+
+
+def _masks(batch, q_len, kv_len, heads):
+    """None, causal, padding with an empty row, per-head random with an empty row."""
+    causal = causal_mask(q_len, kv_len)
+    lengths = jnp.array([kv_len, 3, 0][:batch])
+    padding = (jnp.arange(kv_len)[None, :] < lengths[:, None])[:, None, None, :]
+    per_head = jax.random.bernoulli(jax.random.key(9), 0.6, (batch, heads, q_len, kv_len))
+    return [None, causal, padding, per_head.at[0, 1, 2].set(False)]
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3, 4, None), (3, 9, 9, 2, 20, 6), (1, 1, 3, 1, 1, None)])
+def test_attention_matches_explicit(native, shape):
+    """Outputs and gradients against the explicit path for every kind of mask,
+    fully masked query rows included (output and gradients 0)."""
+    batch, q_len, kv_len, heads, head_dim, v_dim = shape
+    q, k, v = _qkv(batch, q_len, kv_len, heads, head_dim, v_dim)
+    w = jax.random.normal(jax.random.key(5), (batch, q_len, heads, v_dim or head_dim))
+    for mask in _masks(batch, q_len, kv_len, heads):
+        if mask is not None and mask.shape[0] not in (1, batch):
+            continue
+        fast = lambda q, k, v, m=mask: dot_product_attention(q, k, v, m, implementation="native")
+        slow = lambda q, k, v, m=mask: dot_product_attention(q, k, v, m, implementation="explicit")
+        _close(jax.jit(fast)(q, k, v), slow(q, k, v), 2e-6)
+        loss = lambda f: (lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)) * w))
+        _close(jax.jit(jax.grad(loss(fast), (0, 1, 2)))(q, k, v),
+               jax.grad(loss(slow), (0, 1, 2))(q, k, v), 2e-5)
+
+
+def test_attention_every_derivative(native):
+    """Reverse mode runs the native backward; forward mode, forward-over-reverse
+    and reverse-over-reverse (through XLA's operations) agree with the explicit path."""
+    q, k, v = _qkv()
+    mask = causal_mask(5, 7).at[..., 0, :].set(False)
+    fast = lambda q, k, v: dot_product_attention(q, k, v, mask, implementation="native")
+    slow = lambda q, k, v: dot_product_attention(q, k, v, mask, implementation="explicit")
+    w = jax.random.normal(jax.random.key(3), q.shape[:3] + (v.shape[-1],))
+    loss = lambda f: (lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)) * w))
+    tangents = _qkv(seed=4)
+    assert "nnlib_attention_backward" in str(jax.make_jaxpr(jax.grad(loss(fast)))(q, k, v))
+    _close(jax.jvp(fast, (q, k, v), tangents), jax.jvp(slow, (q, k, v), tangents), 1e-5)
+    hvp = lambda f: jax.jvp(jax.grad(loss(f), (0, 1, 2)), (q, k, v), tangents)[1]
+    _close(hvp(fast), hvp(slow), 1e-5)
+    rr = lambda f: jax.grad(lambda q: jnp.sum(jax.grad(loss(f), 1)(q, k, v) ** 2))(q)
+    _close(rr(fast), rr(slow), 1e-4)
+    qs = jnp.stack([q, 0.5 * q])
+    _close(jax.vmap(lambda q: jax.grad(loss(fast))(q, k, v))(qs),
+           jax.vmap(lambda q: jax.grad(loss(slow))(q, k, v))(qs), 1e-5)
+    _close(jax.vmap(lambda q: jax.jvp(fast, (q, k, v), tangents)[1])(qs),
+           jax.vmap(lambda q: jax.jvp(slow, (q, k, v), tangents)[1])(qs), 1e-5)
+
+
+def test_attention_native_refuses_what_it_cannot_do(native):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="float32"):
+        dot_product_attention(q.astype(jnp.float16), k.astype(jnp.float16),
+                              v.astype(jnp.float16), implementation="native")
+    with pytest.raises(ValueError, match="cannot return weights"):
+        dot_product_attention(q, k, v, return_weights=True, implementation="native")
+    # "auto" stays on the explicit path on CPU.
+    jaxpr = str(jax.make_jaxpr(lambda q: dot_product_attention(q, k, v))(q))
+    assert "nnlib_attention" not in jaxpr
+
+
+def test_attention_native_needs_the_kernels(monkeypatch):
+    monkeypatch.setattr(_native, "_state", {"loaded": False, "reason": "no C++ compiler (test)"})
+    q, k, v = _qkv()
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        dot_product_attention(q, k, v, implementation="native")
+    with pytest.raises(RuntimeError, match="not available"):
+        _native.lstm_recurrence(jnp.zeros((2, 8)), (jnp.zeros((1, 2)),) * 2, jnp.zeros((3, 1, 8)))

@@ -7,8 +7,7 @@
 // call, with the recurrent weights laid out once per call for the product,
 // the gates computed while the product's output is still in cache, and the
 // CPU's cores splitting every step by hidden unit.
-// The inputs' projection and the weight gradient (one product over all steps)
-// stay in XLA, which runs large products at its matmul speed.
+// The inputs' projection and its gradients stay in XLA.
 //
 // Math (gate order i, f, g, o, as nnlib.layers.LSTMCell and PyTorch):
 //   z_t = p_t + b + h_{t-1} W           p_t: projected inputs, W: [H, 4H]
@@ -16,284 +15,24 @@
 //   c_t = f c_{t-1} + i g;              h_t = o tanh(c_t)
 // The bias b is added here, not to p beforehand: a whole pass over p less.
 // The backward call returns dz_t (the gradient of z_t, which is also that of
-// p_t) for every step and the gradients of the initial state; dW = sum_t
-// h_{t-1}^T dz_t and db = sum_t,b dz_t are left to XLA.
+// p_t) for every step, the gradients of the initial state, and the weight
+// and bias gradients dW = sum_t h_{t-1}^T dz_t (a phase after the loop, in
+// blocks of steps) and db = sum_t,b dz_t (summed in the loop).
 //
 // Everything is float32 and batch first: p, dz, gates [T, B, 4H]; h, c [T, B, H].
 
-#include <atomic>
-#include <chrono>
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <thread>
-#include <vector>
 
-#include <immintrin.h>
-#include <sched.h>
-
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// ---------------------------------------------------------------- vectors --
-#if defined(__AVX512F__)
-constexpr int kVec = 16;  // floats per vector
-constexpr int kPanelVecs = 4;  // a panel is 64 columns
-constexpr int kRows = 6;  // rows of the microkernel: 24 accumulators of 32
-#else
-constexpr int kVec = 8;
-constexpr int kPanelVecs = 2;  // 16 columns
-constexpr int kRows = 6;  // 12 accumulators of 16 (AVX2)
-#endif
-constexpr int kPanel = kVec * kPanelVecs;
-
-typedef float vf __attribute__((vector_size(kVec * 4)));
-typedef float vfu __attribute__((vector_size(kVec * 4), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(kVec * 4)));
-
-inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
-inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-inline vf splat(float x) { return vf{} + x; }
-// n <= kVec floats: a whole vector, or a tail through a zeroed scratch.
-inline vf load_n(const float* p, int64_t n) {
-  if (n == kVec) return load(p);
-  alignas(64) float tmp[kVec] = {};
-  std::memcpy(tmp, p, n * sizeof(float));
-  return load(tmp);
-}
-inline void store_n(float* p, vf v, int64_t n) {
-  if (n == kVec) {
-    store(p, v);
-    return;
-  }
-  alignas(64) float tmp[kVec];
-  store(tmp, v);
-  std::memcpy(p, tmp, n * sizeof(float));
-}
-inline vf vmin(vf a, vf b) { return a < b ? a : b; }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-
-// exp(x) for x in [-87.3, 88.7] (clamped), Cephes' expf: a degree-5
-// polynomial after reducing by n ln 2; within 2 ulp of the exact value.
-inline vf vexp(vf x) {
-  x = vmin(vmax(x, splat(-87.3f)), splat(88.7f));
-  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: rounds to an integer
-  vf n = (x * splat(1.44269504088896341f) + magic) - magic;
-  vf r = x - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * r * r + r + splat(1.0f);
-  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return p * scale;
-}
-
-// 1 / d: the CPU's reciprocal estimate and one Newton step where AVX-512 has
-// it (2^-14, then within 2 ulp), a division elsewhere.
-inline vf vrecip(vf d) {
-#if defined(__AVX512F__)
-  vf r = reinterpret_cast<vf>(_mm512_rcp14_ps(reinterpret_cast<__m512>(d)));
-  return r * (splat(2.0f) - d * r);
-#else
-  return splat(1.0f) / d;
-#endif
-}
-
-inline vf vsigmoid(vf x) { return vrecip(splat(1.0f) + vexp(-x)); }
-
-// tanh: Cephes' tanhf polynomial below |x| = 0.625, 1 - 2 / (e^{2|x|} + 1)
-// above (no cancellation there), with the sign put back.
-inline vf vtanh(vf x) {
-  vf ax = vmax(x, -x);
-  vf x2 = x * x;
-  vf p = splat(-5.70498872745e-3f);
-  p = p * x2 + splat(2.06390887954e-2f);
-  p = p * x2 + splat(-5.37397155531e-2f);
-  p = p * x2 + splat(1.33314422036e-1f);
-  p = p * x2 + splat(-3.33332819422e-1f);
-  vf small = p * x2 * x + x;
-  vf big = splat(1.0f) - splat(2.0f) * vrecip(vexp(ax + ax) + splat(1.0f));
-  big = x < splat(0.0f) ? -big : big;
-  return ax < splat(0.625f) ? small : big;
-}
-
-// ------------------------------------------------------------ the product --
-// C[r, 0:kPanel] = sum_k A[r, k] Bp[k, 0:kPanel] for R rows; Bp is a packed,
-// aligned panel [K, kPanel]; C has row stride kPanel.
-template <int R>
-inline void microkernel(const float* a, int64_t lda, const float* bp, int64_t k_size,
-                        float* c) {
-  vf acc[R][kPanelVecs];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < kPanelVecs; ++j) acc[r][j] = vf{};
-  for (int64_t k = 0; k < k_size; ++k) {
-    vf b[kPanelVecs];
-    for (int j = 0; j < kPanelVecs; ++j)
-      b[j] = *reinterpret_cast<const vf*>(bp + k * kPanel + j * kVec);
-    for (int r = 0; r < R; ++r) {
-      vf av = splat(a[r * lda + k]);
-      for (int j = 0; j < kPanelVecs; ++j) acc[r][j] += av * b[j];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < kPanelVecs; ++j) store(c + r * kPanel + j * kVec, acc[r][j]);
-}
-
-// C[rows, kPanel] = A[rows, K] @ Bp[K, kPanel].
-inline void panel_product(const float* a, int64_t lda, int64_t rows, const float* bp,
-                          int64_t k_size, float* c) {
-  int64_t r = 0;
-  for (; r + kRows <= rows; r += kRows)
-    microkernel<kRows>(a + r * lda, lda, bp, k_size, c + r * kPanel);
-  switch (rows - r) {
-    case 5: microkernel<5>(a + r * lda, lda, bp, k_size, c + r * kPanel); break;
-    case 4: microkernel<4>(a + r * lda, lda, bp, k_size, c + r * kPanel); break;
-    case 3: microkernel<3>(a + r * lda, lda, bp, k_size, c + r * kPanel); break;
-    case 2: microkernel<2>(a + r * lda, lda, bp, k_size, c + r * kPanel); break;
-    case 1: microkernel<1>(a + r * lda, lda, bp, k_size, c + r * kPanel); break;
-    default: break;
-  }
-}
-
-struct AlignedBuffer {
-  float* data = nullptr;
-  explicit AlignedBuffer(size_t n) {
-    size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
-    data = static_cast<float*>(std::aligned_alloc(64, bytes > 0 ? bytes : 64));
-    std::memset(data, 0, bytes);
-  }
-  ~AlignedBuffer() { std::free(data); }
-  AlignedBuffer(const AlignedBuffer&) = delete;
-  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-};
-
-// ----------------------------------------------------------- the threads --
-inline void cpu_relax() {
-#if defined(__x86_64__)
-  __builtin_ia32_pause();
-#endif
-}
-
-// A fixed team of threads that helps whichever call is running: the caller
-// always works, and each other thread joins when it wakes (spinning briefly
-// after a call, then asleep). Work is handed out in chunks per phase (a time
-// step, or half of one), claimed from a counter, so a thread the OS has
-// descheduled (XLA's and other libraries' threads share the cores) delays
-// only the chunk it holds: the others take the rest. A static split with a
-// barrier made every step wait for the slowest thread, and the train step of
-// the benchmark's LSTM swung between 19 and 35 ms.
-class Team {
- public:
-  static Team& get() {
-    static Team* team = new Team();  // never destroyed: workers outlive exit
-    return *team;
-  }
-
-  int size() const { return size_; }
-
-  // Runs job() on the calling thread and on every worker that wakes before
-  // it ends; returns when all who joined have left it.
-  void run(const std::function<void()>& job) {
-    std::lock_guard<std::mutex> lock(call_mutex_);
-    if (size_ <= 1) {
-      job();
-      return;
-    }
-    job_ = &job;
-    open_.store(true);
-    generation_.fetch_add(1);
-    generation_.notify_all();
-    job();
-    open_.store(false);
-    while (active_.load() != 0) cpu_relax();
-  }
-
- private:
-  Team() {
-    cpu_set_t set;
-    int cores = 1;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0) cores = CPU_COUNT(&set);
-    if (const char* env = std::getenv("NNLIB_NATIVE_THREADS")) {
-      int n = std::atoi(env);
-      if (n > 0) cores = n;
-    }
-    size_ = cores < 1 ? 1 : cores;
-    for (int m = 1; m < size_; ++m) std::thread([this] { work(); }).detach();
-  }
-
-  void work() {
-    uint64_t seen = 0;
-    for (;;) {
-      // Spin ~20 us for a call that follows at once (the backward after the
-      // forward), then sleep: a longer spin holds a core that XLA's own
-      // threads need for the operations between the calls.
-      uint64_t now = generation_.load(std::memory_order_acquire);
-      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
-      for (int spin = 0; now == seen; ++spin) {
-        cpu_relax();
-        now = generation_.load(std::memory_order_acquire);
-        if ((spin & 63) == 63 && std::chrono::steady_clock::now() > until) break;
-      }
-      if (now == seen) {
-        generation_.wait(seen, std::memory_order_acquire);
-        continue;
-      }
-      seen = now;
-      // Join only a call still running; the caller waits for active_ to
-      // drop to zero before it returns (and its job goes out of scope).
-      if (!open_.load()) continue;
-      active_.fetch_add(1);
-      if (open_.load()) (*job_)();
-      active_.fetch_sub(1);
-    }
-  }
-
-  int size_ = 1;
-  const std::function<void()>* job_ = nullptr;
-  std::mutex call_mutex_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<bool> open_{false};
-  std::atomic<int> active_{0};
-};
-
-// Per-phase chunk counters of one call: every thread of the team runs the
-// phases in order, claims chunks of each until none is left, then waits for
-// the phase's last chunk to be done.
-class Phases {
- public:
-  Phases(int64_t phases, int64_t chunks)
-      : claimed_(new std::atomic<int64_t>[phases]()),
-        done_(new std::atomic<int64_t>[phases]()),
-        chunks_(chunks) {}
-
-  template <typename F>
-  void run(int64_t phase, F&& chunk) {
-    for (;;) {
-      const int64_t q = claimed_[phase].fetch_add(1, std::memory_order_relaxed);
-      if (q >= chunks_) break;
-      chunk(q);
-      done_[phase].fetch_add(1, std::memory_order_release);
-    }
-    while (done_[phase].load(std::memory_order_acquire) < chunks_) cpu_relax();
-  }
-
- private:
-  std::unique_ptr<std::atomic<int64_t>[]> claimed_, done_;
-  int64_t chunks_;
-};
+using namespace nnlib_native;
 
 // ------------------------------------------------------------- forward --
 ffi::Error LstmForward(ffi::Buffer<ffi::F32> projected, ffi::Buffer<ffi::F32> kernel,
@@ -332,7 +71,7 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> projected, ffi::Buffer<ffi::F32> ke
                     width * sizeof(float));
     }
 
-  Phases phases(steps, chunks);
+  Phases phases(steps);
   auto job = [&] {
     AlignedBuffer z(static_cast<size_t>(4) * batch * kPanel);
     for (int64_t s = 0; s < steps; ++s) {
@@ -340,7 +79,7 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> projected, ffi::Buffer<ffi::F32> ke
       const int64_t t_prev = reverse ? t + 1 : t - 1;
       const float* h_prev = s == 0 ? h_init : h_out + t_prev * batch * hidden;
       const float* c_prev = s == 0 ? c_init : c_out + t_prev * batch * hidden;
-      phases.run(s, [&](int64_t q) {
+      phases.run(s, chunks, [&](int64_t q) {
         const int64_t u0 = q * kPanel;
         const int64_t width = std::min<int64_t>(kPanel, hidden - u0);
         for (int g = 0; g < 4; ++g)
@@ -382,13 +121,74 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> projected, ffi::Buffer<ffi::F32> ke
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------- weight gradient --
+// dW[j0:j0+R, panel] += sum_k A[k, 0:R] Z[k, panel] over the K = steps x batch
+// rows of a block of steps, both operands packed contiguously: A[k, r] =
+// h_prev[k, j0 + r] (a tile of R hidden units), Z the block's dz rows, this
+// panel's kPanel columns (zero past the last). The tile stays in registers
+// over the block.
+template <int R, bool kFull>
+inline void weight_tile(const float* a, const float* z, int64_t k_size, int64_t ldc, float* c,
+                        int64_t w) {
+  vf acc[R][kPanelVecs];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kPanelVecs; ++v)
+      acc[r][v] = kFull ? load(c + r * ldc + v * kVec)
+                        : load_n(c + r * ldc + v * kVec,
+                                 std::clamp<int64_t>(w - v * kVec, 0, kVec));
+  for (int64_t k = 0; k < k_size; ++k, a += kRows, z += kPanel) {
+    vf zv[kPanelVecs];
+    for (int v = 0; v < kPanelVecs; ++v) zv[v] = *reinterpret_cast<const vf*>(z + v * kVec);
+    for (int r = 0; r < R; ++r) {
+      const vf av = splat(a[r]);
+      for (int v = 0; v < kPanelVecs; ++v) acc[r][v] += av * zv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kPanelVecs; ++v) {
+      if (kFull) {
+        store(c + r * ldc + v * kVec, acc[r][v]);
+      } else {
+        const int64_t n = std::clamp<int64_t>(w - v * kVec, 0, kVec);
+        if (n > 0) store_n(c + r * ldc + v * kVec, acc[r][v], n);
+      }
+    }
+}
+
+// Every tile of one panel's column of dW over one block (A packed tile after
+// tile, [tiles, k_size, kRows]).
+template <bool kFull>
+void weight_panel(const float* a, const float* z, int64_t k_size, int64_t hidden, int64_t ldc,
+                  float* dw, int64_t w) {
+  for (int64_t j = 0; j < hidden; j += kRows, a += k_size * kRows) {
+    float* c = dw + j * ldc;
+    switch (std::min<int64_t>(kRows, hidden - j)) {
+      case kRows: weight_tile<kRows, kFull>(a, z, k_size, ldc, c, w); break;
+      case 5: weight_tile<5, kFull>(a, z, k_size, ldc, c, w); break;
+      case 4: weight_tile<4, kFull>(a, z, k_size, ldc, c, w); break;
+      case 3: weight_tile<3, kFull>(a, z, k_size, ldc, c, w); break;
+      case 2: weight_tile<2, kFull>(a, z, k_size, ldc, c, w); break;
+      default: weight_tile<1, kFull>(a, z, k_size, ldc, c, w); break;
+    }
+  }
+}
+
+// Steps per block of the weight gradient: the block's packed dz panel (32 x
+// 64 floats a step at the benchmark's sizes) stays in the core's L1 cache
+// while every tile of the panel's column reads it. (A single-core
+// microbenchmark at the benchmark's sizes: 136 GFLOP/s with both operands
+// packed, 121 with the hidden states read in place.)
+constexpr int64_t kStepsPerBlock = 4;
+
 // ------------------------------------------------------------ backward --
 ffi::Error LstmBackward(ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> gates,
                         ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> c0,
+                        ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> h0,
                         ffi::Buffer<ffi::F32> ct_hs, ffi::Buffer<ffi::F32> ct_c,
                         ffi::Buffer<ffi::F32> ct_h, ffi::ResultBuffer<ffi::F32> ct_z,
                         ffi::ResultBuffer<ffi::F32> ct_c0, ffi::ResultBuffer<ffi::F32> ct_h0,
-                        int64_t reverse) {
+                        ffi::ResultBuffer<ffi::F32> ct_kernel,
+                        ffi::ResultBuffer<ffi::F32> ct_bias, int64_t reverse) {
   auto dims = gates.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("gates must be [T, B, 4H]");
   const int64_t steps = dims[0], batch = dims[1], gate_cols = dims[2];
@@ -401,6 +201,12 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> gate
   float* dz = ct_z->typed_data();
   float* dc_init = ct_c0->typed_data();
   float* dh_init = ct_h0->typed_data();
+  float* dw = ct_kernel->typed_data();
+  float* db = ct_bias->typed_data();
+  const float* h_all = hs.typed_data();
+  const float* h_init = h0.typed_data();
+  std::memset(dw, 0, hidden * gate_cols * sizeof(float));
+  std::memset(db, 0, gate_cols * sizeof(float));
   if (batch == 0 || hidden == 0) return ffi::Error::Success();
   if (steps == 0) {
     std::memcpy(dc_init, ct_c.typed_data(), batch * hidden * sizeof(float));
@@ -426,15 +232,20 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> gate
   std::memcpy(dh_rec.data, ct_h.typed_data(), batch * hidden * sizeof(float));
   std::memcpy(dc_carry.data, ct_c.typed_data(), batch * hidden * sizeof(float));
 
-  Phases phases(2 * steps, chunks);
+  const int64_t panels = (gate_cols + kPanel - 1) / kPanel;
+  const int64_t tiles = (hidden + kRows - 1) / kRows;
+  const int64_t blocks = (steps + kStepsPerBlock - 1) / kStepsPerBlock;
+  AlignedBuffer apack(static_cast<size_t>(tiles) * kStepsPerBlock * batch * kRows);
+  Phases phases(2 * steps + 2 * blocks);
   auto job = [&] {
     AlignedBuffer out(static_cast<size_t>(batch) * kPanel);
+    AlignedBuffer zpack(static_cast<size_t>(kStepsPerBlock) * batch * kPanel);
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t t = reverse ? s : steps - 1 - s;  // backward through time
       const bool first = reverse ? t == steps - 1 : t == 0;
       const int64_t t_prev = reverse ? t + 1 : t - 1;
       const float* c_prev = first ? c_init : c_all + t_prev * batch * hidden;
-      phases.run(2 * s, [&](int64_t q) {  // the gates' backward, unit by unit
+      phases.run(2 * s, chunks, [&](int64_t q) {  // the gates' backward, unit by unit
         const int64_t u0 = q * kPanel;
         const int64_t width = std::min<int64_t>(kPanel, hidden - u0);
         for (int64_t b = 0; b < batch; ++b) {
@@ -468,10 +279,19 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> gate
             store_n(dcr + u, dc_next, n);
           }
         }
+        // db += sum_b dz_t (this step's chunk is this thread's alone).
+        for (int g = 0; g < 4; ++g)
+          for (int64_t u = 0; u < width; u += kVec) {
+            const int64_t n = std::min<int64_t>(kVec, width - u);
+            vf sum = load_n(db + g * hidden + u0 + u, n);
+            for (int64_t b = 0; b < batch; ++b)
+              sum += load_n(dz + (t * batch + b) * gate_cols + g * hidden + u0 + u, n);
+            store_n(db + g * hidden + u0 + u, sum, n);
+          }
       });
       // Every unit's dz_t is written: dh_{t-1} = dz_t W^T, by units.
       const float* zt = dz + t * batch * gate_cols;
-      phases.run(2 * s + 1, [&](int64_t q) {
+      phases.run(2 * s + 1, chunks, [&](int64_t q) {
         const int64_t u0 = q * kPanel;
         const int64_t width = std::min<int64_t>(kPanel, hidden - u0);
         panel_product(zt, gate_cols, batch, packed.data + q * gate_cols * kPanel, gate_cols,
@@ -479,6 +299,41 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> gate
         for (int64_t b = 0; b < batch; ++b)
           std::memcpy(dh_rec.data + b * hidden + u0, out.data + b * kPanel,
                       width * sizeof(float));
+      });
+    }
+    // dW = sum_t h_{t-1}^T dz_t, a block of steps at a time: the block's
+    // hidden states packed into tiles (shared), then column panels of dW
+    // claimed by the threads, each packing its panel of the block's dz.
+    for (int64_t s0 = 0, blk = 0; s0 < steps; s0 += kStepsPerBlock, ++blk) {
+      const int64_t block = std::min(kStepsPerBlock, steps - s0);
+      const int64_t k_size = block * batch;
+      auto h_of = [&](int64_t t) {
+        const bool first = reverse ? t == steps - 1 : t == 0;
+        return first ? h_init : h_all + (reverse ? t + 1 : t - 1) * batch * hidden;
+      };
+      phases.run(2 * steps + 2 * blk, tiles, [&](int64_t tile) {
+        const int64_t j0 = tile * kRows;
+        const int64_t rows = std::min<int64_t>(kRows, hidden - j0);
+        float* dst = apack.data + tile * k_size * kRows;
+        for (int64_t i = 0; i < block; ++i) {
+          const float* h = h_of(s0 + i) + j0;
+          for (int64_t b = 0; b < batch; ++b, dst += kRows)
+            for (int64_t r = 0; r < kRows; ++r) dst[r] = r < rows ? h[b * hidden + r] : 0.0f;
+        }
+      });
+      phases.run(2 * steps + 2 * blk + 1, panels, [&](int64_t panel) {
+        const int64_t n0 = panel * kPanel;
+        const int64_t w = std::min<int64_t>(kPanel, gate_cols - n0);
+        for (int64_t k = 0; k < k_size; ++k) {
+          const float* src = dz + (s0 * batch + k) * gate_cols + n0;
+          for (int64_t v = 0; v < kPanel; v += kVec)
+            store(zpack.data + k * kPanel + v,
+                  load_n(src + v, std::clamp<int64_t>(w - v, 0, kVec)));
+        }
+        if (w == kPanel)
+          weight_panel<true>(apack.data, zpack.data, k_size, hidden, gate_cols, dw + n0, w);
+        else
+          weight_panel<false>(apack.data, zpack.data, k_size, hidden, gate_cols, dw + n0, w);
       });
     }
   };
@@ -508,10 +363,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibLstmBackward, LstmBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // gates [T, B, 4H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // cs [T, B, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c0 [B, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // hs [T, B, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0 [B, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ct_hs [T, B, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ct_c (final) [B, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ct_h (final) [B, H]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ct_z [T, B, 4H]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ct_c0 [B, H]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ct_h0 [B, H]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ct_kernel [H, 4H]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ct_bias [4H]
                                   .Attr<int64_t>("reverse"));

@@ -1,0 +1,282 @@
+// Shared by nnlib's native CPU kernels (lstm.cc, attention.cc): vectors and
+// their transcendental functions, the register-blocked matmul microkernels,
+// and the team of threads the kernels share.
+//
+// Vectors are GCC's vector extensions, so the same code compiles to AVX-512
+// (16 floats), AVX2 (8) or whatever -march=native offers.
+
+#ifndef NNLIB_NATIVE_COMMON_H_
+#define NNLIB_NATIVE_COMMON_H_
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <immintrin.h>
+#include <sched.h>
+
+namespace nnlib_native {
+
+
+// ---------------------------------------------------------------- vectors --
+#if defined(__AVX512F__)
+constexpr int kVec = 16;  // floats per vector
+constexpr int kPanelVecs = 4;  // a panel is 64 columns
+constexpr int kRows = 6;  // rows of the microkernel: 24 accumulators of 32
+#else
+constexpr int kVec = 8;
+constexpr int kPanelVecs = 2;  // 16 columns
+constexpr int kRows = 6;  // 12 accumulators of 16 (AVX2)
+#endif
+constexpr int kPanel = kVec * kPanelVecs;
+
+typedef float vf __attribute__((vector_size(kVec * 4)));
+typedef float vfu __attribute__((vector_size(kVec * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(kVec * 4)));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+inline vf splat(float x) { return vf{} + x; }
+// n <= kVec floats: a whole vector, or a tail through a zeroed scratch.
+inline vf load_n(const float* p, int64_t n) {
+  if (n == kVec) return load(p);
+  alignas(64) float tmp[kVec] = {};
+  std::memcpy(tmp, p, n * sizeof(float));
+  return load(tmp);
+}
+inline void store_n(float* p, vf v, int64_t n) {
+  if (n == kVec) {
+    store(p, v);
+    return;
+  }
+  alignas(64) float tmp[kVec];
+  store(tmp, v);
+  std::memcpy(p, tmp, n * sizeof(float));
+}
+inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+// exp(x) for x in [-87.3, 88.7] (clamped), Cephes' expf: a degree-5
+// polynomial after reducing by n ln 2; within 2 ulp of the exact value.
+inline vf vexp(vf x) {
+  x = vmin(vmax(x, splat(-87.3f)), splat(88.7f));
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: rounds to an integer
+  vf n = (x * splat(1.44269504088896341f) + magic) - magic;
+  vf r = x - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+// 1 / d: the CPU's reciprocal estimate and one Newton step where AVX-512 has
+// it (2^-14, then within 2 ulp), a division elsewhere.
+inline vf vrecip(vf d) {
+#if defined(__AVX512F__)
+  vf r = reinterpret_cast<vf>(_mm512_rcp14_ps(reinterpret_cast<__m512>(d)));
+  return r * (splat(2.0f) - d * r);
+#else
+  return splat(1.0f) / d;
+#endif
+}
+
+inline vf vsigmoid(vf x) { return vrecip(splat(1.0f) + vexp(-x)); }
+
+// tanh: Cephes' tanhf polynomial below |x| = 0.625, 1 - 2 / (e^{2|x|} + 1)
+// above (no cancellation there), with the sign put back.
+inline vf vtanh(vf x) {
+  vf ax = vmax(x, -x);
+  vf x2 = x * x;
+  vf p = splat(-5.70498872745e-3f);
+  p = p * x2 + splat(2.06390887954e-2f);
+  p = p * x2 + splat(-5.37397155531e-2f);
+  p = p * x2 + splat(1.33314422036e-1f);
+  p = p * x2 + splat(-3.33332819422e-1f);
+  vf small = p * x2 * x + x;
+  vf big = splat(1.0f) - splat(2.0f) * vrecip(vexp(ax + ax) + splat(1.0f));
+  big = x < splat(0.0f) ? -big : big;
+  return ax < splat(0.625f) ? small : big;
+}
+
+// ------------------------------------------------------------ the product --
+// C[r, 0:kPanel] = sum_k A[r, k] Bp[k, 0:kPanel] for R rows; Bp is a packed,
+// aligned panel [K, kPanel]; C has row stride kPanel.
+template <int R>
+inline void microkernel(const float* a, int64_t lda, const float* bp, int64_t k_size,
+                        float* c) {
+  vf acc[R][kPanelVecs];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kPanelVecs; ++j) acc[r][j] = vf{};
+  for (int64_t k = 0; k < k_size; ++k) {
+    vf b[kPanelVecs];
+    for (int j = 0; j < kPanelVecs; ++j)
+      b[j] = *reinterpret_cast<const vf*>(bp + k * kPanel + j * kVec);
+    for (int r = 0; r < R; ++r) {
+      vf av = splat(a[r * lda + k]);
+      for (int j = 0; j < kPanelVecs; ++j) acc[r][j] += av * b[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < kPanelVecs; ++j) store(c + r * kPanel + j * kVec, acc[r][j]);
+}
+
+// C[rows, kPanel] = A[rows, K] @ Bp[K, kPanel].
+inline void panel_product(const float* a, int64_t lda, int64_t rows, const float* bp,
+                          int64_t k_size, float* c) {
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows)
+    microkernel<kRows>(a + r * lda, lda, bp, k_size, c + r * kPanel);
+  switch (rows - r) {
+    case 5: microkernel<5>(a + r * lda, lda, bp, k_size, c + r * kPanel); break;
+    case 4: microkernel<4>(a + r * lda, lda, bp, k_size, c + r * kPanel); break;
+    case 3: microkernel<3>(a + r * lda, lda, bp, k_size, c + r * kPanel); break;
+    case 2: microkernel<2>(a + r * lda, lda, bp, k_size, c + r * kPanel); break;
+    case 1: microkernel<1>(a + r * lda, lda, bp, k_size, c + r * kPanel); break;
+    default: break;
+  }
+}
+
+struct AlignedBuffer {
+  float* data = nullptr;
+  explicit AlignedBuffer(size_t n) {
+    size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
+    data = static_cast<float*>(std::aligned_alloc(64, bytes > 0 ? bytes : 64));
+    std::memset(data, 0, bytes);
+  }
+  ~AlignedBuffer() { std::free(data); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+};
+
+// ----------------------------------------------------------- the threads --
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// A fixed team of threads that helps whichever call is running: the caller
+// always works, and each other thread joins when it wakes (spinning briefly
+// after a call, then asleep). Work is handed out in chunks per phase (a time
+// step, or half of one), claimed from a counter, so a thread the OS has
+// descheduled (XLA's and other libraries' threads share the cores) delays
+// only the chunk it holds: the others take the rest. A static split with a
+// barrier made every step wait for the slowest thread, and the train step of
+// the benchmark's LSTM swung between 19 and 35 ms.
+class Team {
+ public:
+  static Team& get() {
+    static Team* team = new Team();  // never destroyed: workers outlive exit
+    return *team;
+  }
+
+  int size() const { return size_; }
+
+  // Runs job() on the calling thread and on every worker that wakes before
+  // it ends; returns when all who joined have left it.
+  void run(const std::function<void()>& job) {
+    std::lock_guard<std::mutex> lock(call_mutex_);
+    if (size_ <= 1) {
+      job();
+      return;
+    }
+    job_ = &job;
+    open_.store(true);
+    generation_.fetch_add(1);
+    generation_.notify_all();
+    job();
+    open_.store(false);
+    while (active_.load() != 0) cpu_relax();
+  }
+
+ private:
+  Team() {
+    cpu_set_t set;
+    int cores = 1;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) cores = CPU_COUNT(&set);
+    if (const char* env = std::getenv("NNLIB_NATIVE_THREADS")) {
+      int n = std::atoi(env);
+      if (n > 0) cores = n;
+    }
+    size_ = cores < 1 ? 1 : cores;
+    for (int m = 1; m < size_; ++m) std::thread([this] { work(); }).detach();
+  }
+
+  void work() {
+    uint64_t seen = 0;
+    for (;;) {
+      // Spin ~20 us for a call that follows at once (the backward after the
+      // forward), then sleep: a longer spin holds a core that XLA's own
+      // threads need for the operations between the calls.
+      uint64_t now = generation_.load(std::memory_order_acquire);
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
+      for (int spin = 0; now == seen; ++spin) {
+        cpu_relax();
+        now = generation_.load(std::memory_order_acquire);
+        if ((spin & 63) == 63 && std::chrono::steady_clock::now() > until) break;
+      }
+      if (now == seen) {
+        generation_.wait(seen, std::memory_order_acquire);
+        continue;
+      }
+      seen = now;
+      // Join only a call still running; the caller waits for active_ to
+      // drop to zero before it returns (and its job goes out of scope).
+      if (!open_.load()) continue;
+      active_.fetch_add(1);
+      if (open_.load()) (*job_)();
+      active_.fetch_sub(1);
+    }
+  }
+
+  int size_ = 1;
+  const std::function<void()>* job_ = nullptr;
+  std::mutex call_mutex_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> open_{false};
+  std::atomic<int> active_{0};
+};
+
+// Per-phase chunk counters of one call: every thread of the team runs the
+// phases in order, claims chunks of each until none is left, then waits for
+// the phase's last chunk to be done.
+class Phases {
+ public:
+  explicit Phases(int64_t phases)
+      : claimed_(new std::atomic<int64_t>[phases]()),
+        done_(new std::atomic<int64_t>[phases]()) {}
+
+  template <typename F>
+  void run(int64_t phase, int64_t chunks, F&& chunk) {
+    for (;;) {
+      const int64_t q = claimed_[phase].fetch_add(1, std::memory_order_relaxed);
+      if (q >= chunks) break;
+      chunk(q);
+      done_[phase].fetch_add(1, std::memory_order_release);
+    }
+    while (done_[phase].load(std::memory_order_acquire) < chunks) cpu_relax();
+  }
+
+ private:
+  std::unique_ptr<std::atomic<int64_t>[]> claimed_, done_;
+};
+
+}  // namespace nnlib_native
+
+#endif  // NNLIB_NATIVE_COMMON_H_
