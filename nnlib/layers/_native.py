@@ -65,6 +65,8 @@ TARGETS = {
     "nnlib_lstm_backward": "NnlibLstmBackward",
     "nnlib_attention_forward": "NnlibAttentionForward",
     "nnlib_attention_backward": "NnlibAttentionBackward",
+    "nnlib_attention_qkv_forward": "NnlibAttentionQkvForward",
+    "nnlib_attention_qkv_backward": "NnlibAttentionQkvBackward",
 }
 _FORWARD, _BACKWARD = "nnlib_lstm_forward", "nnlib_lstm_backward"
 _lock = threading.Lock()
@@ -310,21 +312,55 @@ def _reference_backward(q, k, v, mask, out, lse, ct_out, *, scale):
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(7,))
-def _native_backward(q, k, v, mask, out, lse, ct_out, scale):
+def _unfuse(qkv):
+    """``[B, T, 3, H, D]`` -> ``(q, k, v)``, each ``[B, T, H, D]``."""
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+# The functions below take the attention's operands in one of two layouts,
+# named by ``fused``: separate ``(q, k, v)``, or one ``qkv: [B, T, 3, H, D]``
+# (self-attention straight from a fused projection, which the native calls
+# read and write in place: no copies of q, k and v for the call).
+
+
+def _tangent_reference(*args, scale, fused):
+    if fused:
+        qkv, mask, out, lse, dqkv = args
+        return _reference_tangent(*_unfuse(qkv), mask, out, lse, *_unfuse(dqkv), scale=scale)
+    return _reference_tangent(*args, scale=scale)
+
+
+def _backward_reference(*args, scale, fused):
+    if fused:
+        qkv, mask, out, lse, ct_out = args
+        grads = _reference_backward(*_unfuse(qkv), mask, out, lse, ct_out, scale=scale)
+        return jnp.stack(grads, axis=2)
+    return _reference_backward(*args, scale=scale)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _native_backward(scale, fused, *args):
+    """The native backward call: ``(dq, dk, dv)``, or ``dqkv`` when fused."""
+    if fused:
+        qkv = args[0]
+        return jax.ffi.ffi_call(
+            "nnlib_attention_qkv_backward", jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
+            vmap_method="sequential",
+        )(*args, scale=np.float32(scale))
+    q, k, v = args[:3]
     return jax.ffi.ffi_call(
         "nnlib_attention_backward",
         (jax.ShapeDtypeStruct(q.shape, jnp.float32),
          jax.ShapeDtypeStruct(k.shape, jnp.float32),
          jax.ShapeDtypeStruct(v.shape, jnp.float32)),
         vmap_method="sequential",
-    )(q, k, v, mask, out, lse, ct_out, scale=np.float32(scale))
+    )(*args, scale=np.float32(scale))
 
 
 @_native_backward.defjvp
-def _native_backward_jvp(scale, primals, tangents):
-    reference = functools.partial(_reference_backward, scale=scale)
-    return _native_backward(*primals, scale), jax.jvp(reference, primals, tangents)[1]
+def _native_backward_jvp(scale, fused, primals, tangents):
+    reference = functools.partial(_backward_reference, scale=scale, fused=fused)
+    return _native_backward(scale, fused, *primals), jax.jvp(reference, primals, tangents)[1]
 
 
 _attention_tangent_p = Primitive("nnlib_attention_tangent")
@@ -332,35 +368,39 @@ _attention_tangent_p.multiple_results = True
 
 
 @_attention_tangent_p.def_abstract_eval
-def _tangent_abstract_eval(q, k, v, mask, out, lse, dq, dk, dv, *, scale):
+def _tangent_abstract_eval(*args, scale, fused):
+    out, lse = (args[2], args[3]) if fused else (args[4], args[5])
     return (jax.core.ShapedArray(out.shape, out.dtype),
             jax.core.ShapedArray(lse.shape, lse.dtype))
 
 
-def _tangent_transpose(cts, q, k, v, mask, out, lse, dq, dk, dv, *, scale):
+def _tangent_transpose(cts, *args, scale, fused):
     ct_out, ct_lse = cts
-    linear = (dq, dk, dv)
+    primal, linear = (args[:4], args[4:]) if fused else (args[:6], args[6:])
     if type(ct_out) is ad.Zero and type(ct_lse) is ad.Zero:
-        return [None] * 6 + [None] * 3
+        return [None] * len(args)
     ct_out = ad.instantiate_zeros(ct_out)
     if type(ct_lse) is ad.Zero:
-        grads = _native_backward(q, k, v, mask, out, lse, ct_out, scale)
+        grads = _native_backward(scale, fused, *primal, ct_out)
     else:  # the log-sum-exp is read (higher derivatives): XLA's transposition
-        def tangent(dq, dk, dv):
-            return _reference_tangent(q, k, v, mask, out, lse, dq, dk, dv, scale=scale)
+        def tangent(*linear):
+            return _tangent_reference(*primal, *linear, scale=scale, fused=fused)
 
-        zeros = tuple(jnp.zeros(x.shape, x.dtype) for x in (q, k, v))
+        avals = [x.aval if ad.is_undefined_primal(x) else jax.typeof(x) for x in linear]
+        zeros = tuple(jnp.zeros(a.shape, a.dtype) for a in avals)
         grads = jax.linear_transpose(tangent, *zeros)((ct_out, ad.instantiate_zeros(ct_lse)))
-    return [None] * 6 + [g if ad.is_undefined_primal(x) else None
-                         for g, x in zip(grads, linear, strict=True)]
+    grads = (grads,) if fused and not isinstance(grads, tuple) else tuple(grads)
+    return [None] * len(primal) + [g if ad.is_undefined_primal(x) else None
+                                   for g, x in zip(grads, linear, strict=True)]
 
 
-def _tangent_jvp(primals, tangents, *, scale):
+def _tangent_jvp(primals, tangents, *, scale, fused):
     tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
-    return jax.jvp(functools.partial(_reference_tangent, scale=scale), primals, tangents)
+    reference = functools.partial(_tangent_reference, scale=scale, fused=fused)
+    return jax.jvp(reference, primals, tangents)
 
 
-def _tangent_batch(args, dims, *, scale):
+def _tangent_batch(args, dims, *, scale, fused):
     # One call per element of the mapped axis (the arrays' layouts have no
     # free axis to fold it into).
     mapped = [i for i, d in enumerate(dims) if d is not None]
@@ -369,39 +409,56 @@ def _tangent_batch(args, dims, *, scale):
         full = list(args)
         for i, x in zip(mapped, xs, strict=True):
             full[i] = x
-        return tuple(_attention_tangent_p.bind(*full, scale=scale))
+        return tuple(_attention_tangent_p.bind(*full, scale=scale, fused=fused))
 
     outs = jax.lax.map(one, [jnp.moveaxis(args[i], dims[i], 0) for i in mapped])
     return list(outs), [0, 0]
 
 
-_attention_tangent_p.def_impl(_reference_tangent)
+_attention_tangent_p.def_impl(_tangent_reference)
 ad.primitive_jvps[_attention_tangent_p] = _tangent_jvp
 ad.primitive_transposes[_attention_tangent_p] = _tangent_transpose
 batching.primitive_batchers[_attention_tangent_p] = _tangent_batch
 mlir.register_lowering(
-    _attention_tangent_p, mlir.lower_fun(_reference_tangent, multiple_results=True)
+    _attention_tangent_p, mlir.lower_fun(_tangent_reference, multiple_results=True)
 )
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
-def _attention(q, k, v, mask, scale):
-    batch, q_len, heads, _ = q.shape
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _attention(scale, fused, *args):
+    """The native forward call: ``(out, lse)``."""
+    if fused:
+        qkv = args[0]
+        batch, time, _, heads, head_dim = qkv.shape
+        target, out_shape = "nnlib_attention_qkv_forward", (batch, time, heads, head_dim)
+    else:
+        q, _, v = args[:3]
+        batch, time, heads, _ = q.shape
+        target, out_shape = "nnlib_attention_forward", (batch, time, heads, v.shape[-1])
     return jax.ffi.ffi_call(
-        "nnlib_attention_forward",
-        (jax.ShapeDtypeStruct((batch, q_len, heads, v.shape[-1]), jnp.float32),
-         jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
+        target,
+        (jax.ShapeDtypeStruct(out_shape, jnp.float32),
+         jax.ShapeDtypeStruct((batch, heads, time), jnp.float32)),
         vmap_method="sequential",
-    )(q, k, v, mask, scale=np.float32(scale))
+    )(*args, scale=np.float32(scale))
 
 
 @_attention.defjvp
-def _attention_jvp(scale, primals, tangents):
-    q, k, v, mask = primals
-    dq, dk, dv, _ = tangents
-    out, lse = _attention(q, k, v, mask, scale)
-    dout, dlse = _attention_tangent_p.bind(q, k, v, mask, out, lse, dq, dk, dv, scale=scale)
+def _attention_jvp(scale, fused, primals, tangents):
+    out, lse = _attention(scale, fused, *primals)
+    # The mask (last primal) has no tangent.
+    linear = tangents[:1] if fused else tangents[:3]
+    dout, dlse = _attention_tangent_p.bind(*primals, out, lse, *linear, scale=scale, fused=fused)
     return (out, lse), (dout, dlse)
+
+
+def _as_mask(mask: Array | None, q_len: int, kv_len: int) -> Array:
+    """A boolean mask broadcastable to ``[B, H, q, kv]`` as the kernels' uint8
+    ``[B or 1, H or 1, q, kv]``."""
+    if mask is None:
+        return jnp.ones((1, 1, q_len, kv_len), jnp.uint8)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    return jnp.broadcast_to(mask, (*mask.shape[:2], q_len, kv_len)).astype(jnp.uint8)
 
 
 def attention(query: Array, key: Array, value: Array, mask: Array | None = None) -> Array:
@@ -421,13 +478,29 @@ def attention(query: Array, key: Array, value: Array, mask: Array | None = None)
       XLA's operations). Needs ``available()``.
     """
     _require()
-    batch, q_len, heads, head_dim = query.shape
-    kv_len = key.shape[1]
-    if mask is None:
-        mask = jnp.ones((1, 1, q_len, kv_len), jnp.uint8)
-    else:
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-        mask = jnp.broadcast_to(mask, (*mask.shape[:2], q_len, kv_len)).astype(jnp.uint8)
+    _, q_len, _, head_dim = query.shape
     scale = float(1.0 / np.sqrt(head_dim))
-    out, _ = _attention(query, key, value, mask, scale)
+    out, _ = _attention(scale, False, query, key, value, _as_mask(mask, q_len, key.shape[1]))
+    return out
+
+
+def attention_qkv(qkv: Array, mask: Array | None = None) -> Array:
+    """Self-attention from a fused projection, in the native kernel.
+
+    Args:
+      qkv: ``[batch, time, 3, heads, head_dim]`` float32: queries, keys and
+        values stacked on axis 2 (a ``[batch, time, 3 * width]`` projection
+        reshaped, with no copy). The kernels read q, k and v and write their
+        gradient in this layout, so nothing is split or concatenated around
+        the call.
+      mask: as in :func:`attention`, with ``q_len = kv_len = time``.
+
+    Returns:
+      ``[batch, time, heads, head_dim]``, the same as
+      ``attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask)``.
+    """
+    _require()
+    _, time, _, _, head_dim = qkv.shape
+    scale = float(1.0 / np.sqrt(head_dim))
+    out, _ = _attention(scale, True, qkv, _as_mask(mask, time, time))
     return out

@@ -22,9 +22,10 @@ Two ways to run the same parameters:
 
 - **Full forward** (training, scoring): ``model.apply(variables, tokens)``
   attends with ``jax.nn.dot_product_attention(..., is_causal=True)``, which
-  may use a fused kernel (on CPU with ``nnlib.layers.dot_product_attention``,
-  which is faster there). Dropout (embedding and residual branches) is active
-  with ``train=True``; there is no attention-weight dropout, which the fused
+  may use a fused kernel (on CPU in float32 with nnlib's native attention
+  kernel, reading q, k and v from the fused projection in place; otherwise
+  with ``nnlib.layers.dot_product_attention``, which is faster there).
+  Dropout (embedding and residual branches) is active with ``train=True``; there is no attention-weight dropout, which the fused
   kernel cannot apply. The fused kernel never forms the attention weights;
   ``gpt_attention_weights(model, variables, tokens)`` (or ``apply`` with
   ``mutable=["intermediates"]``) computes and returns them as well.
@@ -66,6 +67,8 @@ from flax import struct
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from nnlib.layers._checks import ShapeError
+from nnlib.layers._native import attention_qkv as native_attention_qkv
+from nnlib.layers._native import available as native_available
 from nnlib.layers.activations import get_activation
 from nnlib.layers.attention import (
     causal_mask,
@@ -100,6 +103,10 @@ class GPTConfig:
         Parameters are stored in float32 and logits returned in (at least)
         float32. ``jnp.float64`` (under ``jax.enable_x64``) takes the explicit
         attention path, for gradient checks.
+      native_attention: on the CPU in float32, attend with nnlib's native
+        kernel (``nnlib.layers._native.attention_qkv``: q, k and v read from
+        the fused projection in place, each (batch, head) pair forward and
+        backward in cache; every derivative). ``False``: the explicit path.
     """
 
     vocab_size: int
@@ -112,6 +119,7 @@ class GPTConfig:
     use_bias: bool = True
     tie_embeddings: bool = True
     dtype: Any = None
+    native_attention: bool = True
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "context_length", "num_layers", "num_heads",
@@ -206,6 +214,8 @@ class _CausalSelfAttention(nn.Module):
         dtype = c.compute_dtype
         qkv = Dense(3 * width, use_bias=c.use_bias, kernel_init=_normal(_INIT_STDDEV),
                     dtype=dtype, name="qkv")(x)  # [B, T, 3d]
+        fused_native = (cache is None and c.native_attention and dtype == jnp.float32
+                        and jax.default_backend() == "cpu" and native_available())
         query, key, value = (
             part.reshape(batch, time, c.num_heads, c.head_dim)  # [B, T, H, D]
             for part in jnp.split(qkv, 3, axis=-1)
@@ -216,6 +226,12 @@ class _CausalSelfAttention(nn.Module):
             # which a caller's strict-promotion mode would reject.
             with jax.numpy_dtype_promotion("standard"):
                 attended = jax.nn.dot_product_attention(query, key, value, is_causal=True)
+        elif fused_native:
+            # nnlib's native CPU attention reads q, k and v from the fused
+            # projection in place and writes their gradient the same way.
+            attended = native_attention_qkv(
+                qkv.reshape(batch, time, 3, c.num_heads, c.head_dim), causal_mask(time)
+            )  # [B, T, H, D]
         elif cache is None:
             # On CPU nnlib's attention (softmax division after the product) is
             # faster: GPT b12 train step 24.6 -> 25.4 steps/s. JAX's fused

@@ -10,6 +10,7 @@ the 16- or 64-unit panels, batches that are not a multiple of the 6-row block).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -239,3 +240,40 @@ def test_attention_native_needs_the_kernels(monkeypatch):
         dot_product_attention(q, k, v, implementation="native")
     with pytest.raises(RuntimeError, match="not available"):
         _native.lstm_recurrence(jnp.zeros((2, 8)), (jnp.zeros((1, 2)),) * 2, jnp.zeros((3, 1, 8)))
+
+
+def test_attention_qkv_reads_the_fused_projection(native):
+    """``attention_qkv`` on ``[B, T, 3, H, D]`` equals attention on its three
+    slices, in value and every derivative; its gradient comes out fused."""
+    qkv = jax.random.normal(jax.random.key(0), (2, 6, 3, 2, 5))
+    mask = causal_mask(6).at[..., 1, :].set(False)
+    fast = lambda x: _native.attention_qkv(x, mask)
+    slow = lambda x: dot_product_attention(x[:, :, 0], x[:, :, 1], x[:, :, 2], mask,
+                                           implementation="explicit")
+    w = jax.random.normal(jax.random.key(1), (2, 6, 2, 5))
+    loss = lambda f: (lambda x: jnp.sum(jnp.sin(f(x)) * w))
+    tangent = jax.random.normal(jax.random.key(2), qkv.shape)
+    _close(jax.jit(fast)(qkv), slow(qkv), 2e-6)
+    _close(jax.jit(jax.grad(loss(fast)))(qkv), jax.grad(loss(slow))(qkv), 1e-5)
+    assert "nnlib_attention_qkv_backward" in str(jax.make_jaxpr(jax.grad(loss(fast)))(qkv))
+    _close(jax.jvp(fast, (qkv,), (tangent,)), jax.jvp(slow, (qkv,), (tangent,)), 1e-5)
+    hvp = lambda f: jax.jvp(jax.grad(loss(f)), (qkv,), (tangent,))[1]
+    _close(hvp(fast), hvp(slow), 1e-5)
+    xs = jnp.stack([qkv, 0.5 * qkv])
+    _close(jax.vmap(jax.grad(loss(fast)))(xs), jax.vmap(jax.grad(loss(slow)))(xs), 1e-5)
+
+
+def test_gpt_attends_natively(native):
+    """The GPT's float32 CPU attention runs the fused native kernel; its logits
+    and gradients match ``native_attention=False`` (the explicit path)."""
+    from nnlib.models.gpt import GPT, GPTConfig
+
+    tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 17)
+    config = GPTConfig(vocab_size=17, context_length=9, num_layers=2, num_heads=2, embed_dim=8)
+    fast, slow = GPT(config), GPT(dataclasses.replace(config, native_attention=False))
+    params = fast.init(jax.random.key(1), tokens)
+    assert "nnlib_attention_qkv_forward" in str(jax.make_jaxpr(fast.apply)(params, tokens))
+    assert "nnlib_attention" not in str(jax.make_jaxpr(slow.apply)(params, tokens))
+    loss = lambda model: (lambda p: jnp.mean(model.apply(p, tokens) ** 2))
+    _close(fast.apply(params, tokens), slow.apply(params, tokens), 1e-5)
+    _close(jax.grad(loss(fast))(params), jax.grad(loss(slow))(params), 1e-5)

@@ -166,11 +166,11 @@ inline void key_blocks(const Ranges& rg, int64_t r0, int64_t r1, int64_t ld, int
 // where the mask allows (keep = 1), 0 elsewhere in the row. With lse given
 // (backward), base = lse and p is the softmax; without it (forward), base is
 // the row maximum and lse_out / inv_sum receive the lse and 1 / the row sum.
-void probabilities(const Shapes& sh, const float* q, const float* kt, int64_t ld,
-                   const float* keep, const Ranges& rg, float scale, const float* lse_in,
-                   float* p, float* lse_out, float* inv_sum) {
+void probabilities(const Shapes& sh, const float* q, int64_t q_row, const float* kt,
+                   int64_t ld, const float* keep, const Ranges& rg, float scale,
+                   const float* lse_in, float* p, float* lse_out, float* inv_sum) {
   small_product(
-      sh.tq, q, sh.heads * sh.d, 1, kt, ld, p, ld,
+      sh.tq, q, q_row, 1, kt, ld, p, ld,
       [&](int64_t, int64_t, int64_t* k0, int64_t* k1) {
         *k0 = 0;
         *k1 = sh.d;
@@ -228,23 +228,6 @@ void transpose_rows(const float* x, int64_t rows, int64_t cols, int64_t stride, 
   }
 }
 
-ffi::Error check(const Shapes& sh, const ffi::Buffer<ffi::U8>& mask) {
-  auto md = mask.dimensions();
-  if (md.size() != 4 || md[2] != sh.tq || md[3] != sh.tk ||
-      (md[0] != 1 && md[0] != sh.batch) || (md[1] != 1 && md[1] != sh.heads))
-    return ffi::Error::InvalidArgument("mask must be [1 or B, 1 or H, Tq, Tk]");
-  return ffi::Error::Success();
-}
-
-Shapes shapes_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
-                 const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::U8>& mask) {
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
-  return Shapes{qd[0], qd[1], kd[1], qd[2], qd[3], vd[3], md.size() == 4 ? md[0] : 0,
-                md.size() == 4 ? md[1] : 0};
-}
-
-// The masks' row ranges, one per distinct (batch, head) mask slice.
-
 // One Ranges per distinct (batch, head) slice of the mask, built by the
 // team in a call's first phase (the tasks follow in the second).
 class SliceRanges {
@@ -265,7 +248,19 @@ class SliceRanges {
   std::vector<std::unique_ptr<Ranges>> slices_;
 };
 
-// The (batch, head) task's pointers into the [B, T, H, D] arrays.
+// Where a [B, T, H, D] operand's element (b, t, h, d) lives: base + (b T + t)
+// row + h D + d. A separate array has row = H D; q, k and v inside one fused
+// [B, T, 3, H, D] array (a transformer's qkv projection, passed as is, with
+// no copies) have row = 3 H D and bases H D apart.
+template <typename T>
+struct View {
+  T* base;
+  int64_t row;
+  T* at(int64_t b, int64_t steps, int64_t h, int64_t d) const {
+    return base + b * steps * row + h * d;
+  }
+};
+
 struct Task {
   int64_t b, h, slice;
 };
@@ -275,22 +270,12 @@ inline Task task_of(const Shapes& sh, int64_t task) {
   return Task{b, h, (sh.mask_batch == 1 ? 0 : b) * sh.mask_heads + (sh.mask_heads == 1 ? 0 : h)};
 }
 
-ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U8> mask,
-                            ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
-                            float scale) {
-  const Shapes sh = shapes_of(q, k, v, mask);
-  if (ffi::Error e = check(sh, mask); e.failure()) return e;
-  if (sh.batch * sh.heads * sh.tq == 0) return ffi::Error::Success();
-  const float* qp = q.typed_data();
-  const float* kp = k.typed_data();
-  const float* vp = v.typed_data();
-  float* op = out->typed_data();
-  float* lp = lse->typed_data();
+void forward(ffi::ThreadPool& pool, const Shapes& sh, View<const float> q, View<const float> k, View<const float> v,
+             const uint8_t* mask, float* op, float* lp, float scale) {
+  if (sh.batch * sh.heads * sh.tq == 0) return;
   const int64_t ld = round_up(std::max<int64_t>(sh.tk, 1), kVec);
   const int64_t ldo = round_up(sh.dv, kVec);
-  const int64_t qs = sh.heads * sh.d, vs = sh.heads * sh.dv;
-  SliceRanges ranges(sh, mask.typed_data(), ld);
+  SliceRanges ranges(sh, mask, ld);
   Phases phases(2);
   auto job = [&] {
     AlignedBuffer kt(sh.d * ld), p(sh.tq * ld), o(sh.tq * ldo), inv(sh.tq);
@@ -298,13 +283,13 @@ ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     phases.run(1, sh.batch * sh.heads, [&](int64_t index) {
       const Task t = task_of(sh, index);
       const Ranges& rg = ranges[t.slice];
-      const float* qt = qp + (t.b * sh.tq * sh.heads + t.h) * sh.d;
-      const float* vt = vp + (t.b * sh.tk * sh.heads + t.h) * sh.dv;
-      transpose_rows(kp + (t.b * sh.tk * sh.heads + t.h) * sh.d, sh.tk, sh.d, qs, kt.data, ld);
-      probabilities(sh, qt, kt.data, ld, rg.keep.data, rg, scale, nullptr, p.data,
+      const float* qt = q.at(t.b, sh.tq, t.h, sh.d);
+      const float* vt = v.at(t.b, sh.tk, t.h, sh.dv);
+      transpose_rows(k.at(t.b, sh.tk, t.h, sh.d), sh.tk, sh.d, k.row, kt.data, ld);
+      probabilities(sh, qt, q.row, kt.data, ld, rg.keep.data, rg, scale, nullptr, p.data,
                     lp + (t.b * sh.heads + t.h) * sh.tq, inv.data);
       small_product(
-          sh.tq, p.data, ld, 1, vt, vs, o.data, ldo,
+          sh.tq, p.data, ld, 1, vt, v.row, o.data, ldo,
           [&](int64_t r0, int64_t r1, int64_t* k0, int64_t* k1) {
             Ranges::span(rg.lo, rg.hi, r0, r1, k0, k1);
           },
@@ -323,32 +308,17 @@ ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
       }
     });
   };
-  Team::get().run(job);
-  return ffi::Error::Success();
+  run_job(pool, job);
 }
 
-ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U8> mask,
-                             ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
-                             ffi::Buffer<ffi::F32> ct_out, ffi::ResultBuffer<ffi::F32> ct_q,
-                             ffi::ResultBuffer<ffi::F32> ct_k, ffi::ResultBuffer<ffi::F32> ct_v,
-                             float scale) {
-  const Shapes sh = shapes_of(q, k, v, mask);
-  if (ffi::Error e = check(sh, mask); e.failure()) return e;
-  if (sh.batch * sh.heads == 0) return ffi::Error::Success();
-  const float* qp = q.typed_data();
-  const float* kp = k.typed_data();
-  const float* vp = v.typed_data();
-  const float* op = out.typed_data();
-  const float* lp = lse.typed_data();
-  const float* gp = ct_out.typed_data();
-  float* dqp = ct_q->typed_data();
-  float* dkp = ct_k->typed_data();
-  float* dvp = ct_v->typed_data();
+void backward(ffi::ThreadPool& pool, const Shapes& sh, View<const float> q, View<const float> k, View<const float> v,
+              const uint8_t* mask, const float* op, const float* lp, const float* gp,
+              View<float> dq, View<float> dk, View<float> dv, float scale) {
+  if (sh.batch * sh.heads == 0) return;
   const int64_t ld = round_up(std::max<int64_t>(sh.tk, 1), kVec);
   const int64_t ldr = round_up(std::max(sh.d, sh.dv), kVec);
-  const int64_t qs = sh.heads * sh.d, vs = sh.heads * sh.dv;
-  SliceRanges ranges(sh, mask.typed_data(), ld);
+  const int64_t os = sh.heads * sh.dv;  // row stride of out and its cotangent
+  SliceRanges ranges(sh, mask, ld);
   Phases phases(2);
   auto job = [&] {
     AlignedBuffer kt(sh.d * ld), vt(sh.dv * ld), p(sh.tq * ld), dp(sh.tq * ld),
@@ -357,14 +327,14 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     phases.run(1, sh.batch * sh.heads, [&](int64_t index) {
       const Task t = task_of(sh, index);
       const Ranges& rg = ranges[t.slice];
-      const float* qt = qp + (t.b * sh.tq * sh.heads + t.h) * sh.d;
-      const float* ktask = kp + (t.b * sh.tk * sh.heads + t.h) * sh.d;
-      const float* vtask = vp + (t.b * sh.tk * sh.heads + t.h) * sh.dv;
+      const float* qt = q.at(t.b, sh.tq, t.h, sh.d);
+      const float* ktask = k.at(t.b, sh.tk, t.h, sh.d);
+      const float* vtask = v.at(t.b, sh.tk, t.h, sh.dv);
       const float* ot = op + (t.b * sh.tq * sh.heads + t.h) * sh.dv;
       const float* gt = gp + (t.b * sh.tq * sh.heads + t.h) * sh.dv;
-      transpose_rows(ktask, sh.tk, sh.d, qs, kt.data, ld);
-      transpose_rows(vtask, sh.tk, sh.dv, vs, vt.data, ld);
-      probabilities(sh, qt, kt.data, ld, rg.keep.data, rg, scale,
+      transpose_rows(ktask, sh.tk, sh.d, k.row, kt.data, ld);
+      transpose_rows(vtask, sh.tk, sh.dv, v.row, vt.data, ld);
+      probabilities(sh, qt, q.row, kt.data, ld, rg.keep.data, rg, scale,
                     lp + (t.b * sh.heads + t.h) * sh.tq, p.data, nullptr, nullptr);
       auto rows_span = [&](int64_t r0, int64_t r1, int64_t* k0, int64_t* k1) {
         Ranges::span(rg.lo, rg.hi, r0, r1, k0, k1);
@@ -379,7 +349,7 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
         };
       };
       // dP = dO V^T on the keys each row block may see.
-      small_product(sh.tq, gt, vs, 1, vt.data, ld, dp.data, ld, all(sh.dv),
+      small_product(sh.tq, gt, os, 1, vt.data, ld, dp.data, ld, all(sh.dv),
                     [&](int64_t r0, int64_t r1, int64_t* n0, int64_t* n1) {
                       key_blocks(rg, r0, r1, ld, n0, n1);
                     });
@@ -394,7 +364,7 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
         vf acc = vf{};
         for (int64_t d = 0; d < sh.dv; d += kVec) {
           const int64_t n = std::min<int64_t>(kVec, sh.dv - d);
-          acc += load_n(gt + i * vs + d, n) * load_n(ot + i * vs + d, n);
+          acc += load_n(gt + i * os + d, n) * load_n(ot + i * os + d, n);
         }
         float dot = 0.0f;
         for (int u = 0; u < kVec; ++u) dot += acc[u];
@@ -406,21 +376,100 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
       }
       // dQ = dS K over each row block's keys; dK = dS^T Q and dV = P^T dO
       // over each key block's queries.
-      small_product(sh.tq, dp.data, ld, 1, ktask, qs, res.data, ldr, rows_span, all(sh.d));
-      for (int64_t i = 0; i < sh.tq; ++i)
-        std::memcpy(dqp + ((t.b * sh.tq + i) * sh.heads + t.h) * sh.d, res.data + i * ldr,
-                    sh.d * sizeof(float));
-      small_product(sh.tk, dp.data, 1, ld, qt, qs, res.data, ldr, cols_span, all(sh.d));
-      for (int64_t j = 0; j < sh.tk; ++j)
-        std::memcpy(dkp + ((t.b * sh.tk + j) * sh.heads + t.h) * sh.d, res.data + j * ldr,
-                    sh.d * sizeof(float));
-      small_product(sh.tk, p.data, 1, ld, gt, vs, res.data, ldr, cols_span, all(sh.dv));
-      for (int64_t j = 0; j < sh.tk; ++j)
-        std::memcpy(dvp + ((t.b * sh.tk + j) * sh.heads + t.h) * sh.dv, res.data + j * ldr,
-                    sh.dv * sizeof(float));
+      auto put = [&](View<float> dst, int64_t steps, int64_t width) {
+        float* base = dst.at(t.b, steps, t.h, width);
+        for (int64_t i = 0; i < steps; ++i)
+          std::memcpy(base + i * dst.row, res.data + i * ldr, width * sizeof(float));
+      };
+      small_product(sh.tq, dp.data, ld, 1, ktask, k.row, res.data, ldr, rows_span, all(sh.d));
+      put(dq, sh.tq, sh.d);
+      small_product(sh.tk, dp.data, 1, ld, qt, q.row, res.data, ldr, cols_span, all(sh.d));
+      put(dk, sh.tk, sh.d);
+      small_product(sh.tk, p.data, 1, ld, gt, os, res.data, ldr, cols_span, all(sh.dv));
+      put(dv, sh.tk, sh.dv);
     });
   };
-  Team::get().run(job);
+  run_job(pool, job);
+}
+
+ffi::Error check_mask(const Shapes& sh, const ffi::Buffer<ffi::U8>& mask) {
+  auto md = mask.dimensions();
+  if (md.size() != 4 || md[2] != sh.tq || md[3] != sh.tk ||
+      (md[0] != 1 && md[0] != sh.batch) || (md[1] != 1 && md[1] != sh.heads))
+    return ffi::Error::InvalidArgument("mask must be [1 or B, 1 or H, Tq, Tk]");
+  return ffi::Error::Success();
+}
+
+// Separate q [B, Tq, H, D], k [B, Tk, H, D], v [B, Tk, H, Dv].
+Shapes separate_shapes(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                       const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::U8>& mask) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  return Shapes{qd[0], qd[1], kd[1], qd[2], qd[3], vd[3], md.size() == 4 ? md[0] : 0,
+                md.size() == 4 ? md[1] : 0};
+}
+
+// Fused qkv [B, T, 3, H, D]: self-attention, Tq = Tk = T, Dv = D.
+Shapes fused_shapes(const ffi::Buffer<ffi::F32>& qkv, const ffi::Buffer<ffi::U8>& mask) {
+  auto d = qkv.dimensions(), md = mask.dimensions();
+  return Shapes{d[0], d[1], d[1], d[3], d[4], d[4], md.size() == 4 ? md[0] : 0,
+                md.size() == 4 ? md[1] : 0};
+}
+
+ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U8> mask,
+                            ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
+                            float scale) {
+  const Shapes sh = separate_shapes(q, k, v, mask);
+  if (ffi::Error e = check_mask(sh, mask); e.failure()) return e;
+  forward(pool, sh, {q.typed_data(), sh.heads * sh.d}, {k.typed_data(), sh.heads * sh.d},
+          {v.typed_data(), sh.heads * sh.dv}, mask.typed_data(), out->typed_data(),
+          lse->typed_data(), scale);
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U8> mask,
+                             ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                             ffi::Buffer<ffi::F32> ct_out, ffi::ResultBuffer<ffi::F32> ct_q,
+                             ffi::ResultBuffer<ffi::F32> ct_k, ffi::ResultBuffer<ffi::F32> ct_v,
+                             float scale) {
+  const Shapes sh = separate_shapes(q, k, v, mask);
+  if (ffi::Error e = check_mask(sh, mask); e.failure()) return e;
+  const int64_t qk = sh.heads * sh.d, vr = sh.heads * sh.dv;
+  backward(pool, sh, {q.typed_data(), qk}, {k.typed_data(), qk}, {v.typed_data(), vr},
+           mask.typed_data(), out.typed_data(), lse.typed_data(), ct_out.typed_data(),
+           {ct_q->typed_data(), qk}, {ct_k->typed_data(), qk}, {ct_v->typed_data(), vr}, scale);
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionQkvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::U8> mask,
+                               ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
+                               float scale) {
+  if (qkv.dimensions().size() != 5 || qkv.dimensions()[2] != 3)
+    return ffi::Error::InvalidArgument("qkv must be [B, T, 3, H, D]");
+  const Shapes sh = fused_shapes(qkv, mask);
+  if (ffi::Error e = check_mask(sh, mask); e.failure()) return e;
+  const float* base = qkv.typed_data();
+  const int64_t hd = sh.heads * sh.d;
+  forward(pool, sh, {base, 3 * hd}, {base + hd, 3 * hd}, {base + 2 * hd, 3 * hd}, mask.typed_data(),
+          out->typed_data(), lse->typed_data(), scale);
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionQkvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::U8> mask,
+                                ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                                ffi::Buffer<ffi::F32> ct_out,
+                                ffi::ResultBuffer<ffi::F32> ct_qkv, float scale) {
+  if (qkv.dimensions().size() != 5 || qkv.dimensions()[2] != 3)
+    return ffi::Error::InvalidArgument("qkv must be [B, T, 3, H, D]");
+  const Shapes sh = fused_shapes(qkv, mask);
+  if (ffi::Error e = check_mask(sh, mask); e.failure()) return e;
+  const float* base = qkv.typed_data();
+  float* grad = ct_qkv->typed_data();
+  const int64_t hd = sh.heads * sh.d;
+  backward(pool, sh, {base, 3 * hd}, {base + hd, 3 * hd}, {base + 2 * hd, 3 * hd}, mask.typed_data(),
+           out.typed_data(), lse.typed_data(), ct_out.typed_data(), {grad, 3 * hd},
+           {grad + hd, 3 * hd}, {grad + 2 * hd, 3 * hd}, scale);
   return ffi::Error::Success();
 }
 
@@ -428,6 +477,7 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibAttentionForward, AttentionForward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q [B, Tq, H, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k [B, Tk, H, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v [B, Tk, H, Dv]
@@ -438,6 +488,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibAttentionForward, AttentionForward,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibAttentionBackward, AttentionBackward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v
@@ -448,4 +499,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibAttentionBackward, AttentionBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ct_q
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ct_k
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ct_v
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibAttentionQkvForward, AttentionQkvForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // qkv [B, T, 3, H, D]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // mask [Bm, Hm, T, T]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [B, T, H, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse [B, H, T]
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibAttentionQkvBackward, AttentionQkvBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // qkv
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // mask
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // ct_out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ct_qkv [B, T, 3, H, D]
                                   .Attr<float>("scale"));

@@ -23,6 +23,8 @@
 #include <immintrin.h>
 #include <sched.h>
 
+#include "xla/ffi/api/ffi.h"
+
 namespace nnlib_native {
 
 
@@ -252,6 +254,45 @@ class Team {
   std::atomic<bool> open_{false};
   std::atomic<int> active_{0};
 };
+
+// Runs job() on the calling thread and on helpers scheduled on XLA's own
+// intra-op thread pool (the FFI's ThreadPool context), returning when every
+// helper that started has left it. Helpers that start after the call is
+// over return at once: they hold the call's small shared state, not the
+// job. XLA's pool threads are the ones that just ran the operations before
+// the call (and spin a while after them), so they join within microseconds,
+// and the call adds no threads of its own to the two cores; a separate team
+// competed with those spinning threads, and the benchmark GPT's attention
+// calls took 2 to 10 ms where 1.5 was the call's time alone. Without a pool
+// (num_threads 0) nnlib's own Team runs the job.
+inline void run_job(xla::ffi::ThreadPool& pool, const std::function<void()>& job) {
+  int64_t threads = pool.num_threads();
+  if (const char* env = std::getenv("NNLIB_NATIVE_THREADS")) {
+    const int64_t n = std::atoi(env);
+    if (n > 0) threads = std::min<int64_t>(threads > 0 ? threads : n, n);
+  }
+  if (threads <= 0) {
+    Team::get().run(job);
+    return;
+  }
+  struct Shared {
+    std::atomic<bool> open{true};
+    std::atomic<int> active{0};
+    const std::function<void()>* job = nullptr;
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->job = &job;
+  for (int64_t i = 1; i < threads; ++i)
+    pool.Schedule([shared] {
+      if (!shared->open.load()) return;
+      shared->active.fetch_add(1);
+      if (shared->open.load()) (*shared->job)();
+      shared->active.fetch_sub(1);
+    });
+  job();
+  shared->open.store(false);
+  while (shared->active.load() != 0) cpu_relax();
+}
 
 // Per-phase chunk counters of one call: every thread of the team runs the
 // phases in order, claims chunks of each until none is left, then waits for

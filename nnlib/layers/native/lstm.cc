@@ -35,7 +35,7 @@ namespace {
 using namespace nnlib_native;
 
 // ------------------------------------------------------------- forward --
-ffi::Error LstmForward(ffi::Buffer<ffi::F32> projected, ffi::Buffer<ffi::F32> kernel,
+ffi::Error LstmForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> projected, ffi::Buffer<ffi::F32> kernel,
                        ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0,
                        ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> cs,
                        ffi::ResultBuffer<ffi::F32> gates, int64_t reverse) {
@@ -117,7 +117,7 @@ ffi::Error LstmForward(ffi::Buffer<ffi::F32> projected, ffi::Buffer<ffi::F32> ke
       });
     }
   };
-  Team::get().run(job);
+  run_job(pool, job);
   return ffi::Error::Success();
 }
 
@@ -181,7 +181,7 @@ void weight_panel(const float* a, const float* z, int64_t k_size, int64_t hidden
 constexpr int64_t kStepsPerBlock = 4;
 
 // ------------------------------------------------------------ backward --
-ffi::Error LstmBackward(ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> gates,
+ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> gates,
                         ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> c0,
                         ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> h0,
                         ffi::Buffer<ffi::F32> ct_hs, ffi::Buffer<ffi::F32> ct_c,
@@ -337,7 +337,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> gate
       });
     }
   };
-  Team::get().run(job);
+  run_job(pool, job);
   std::memcpy(dc_init, dc_carry.data, batch * hidden * sizeof(float));
   std::memcpy(dh_init, dh_rec.data, batch * hidden * sizeof(float));
   return ffi::Error::Success();
@@ -347,6 +347,7 @@ ffi::Error LstmBackward(ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> gate
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibLstmForward, LstmForward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // projected [T, B, 4H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // kernel [H, 4H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias [4H]
@@ -359,6 +360,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibLstmForward, LstmForward,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibLstmBackward, LstmBackward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // kernel [H, 4H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // gates [T, B, 4H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // cs [T, B, H]
