@@ -25,8 +25,9 @@ Two ways to run the same parameters:
   may use a fused kernel (on CPU in float32 with nnlib's native attention
   kernel, reading q, k and v from the fused projection in place; otherwise
   with ``nnlib.layers.dot_product_attention``, which is faster there).
-  Dropout (embedding and residual branches) is active with ``train=True``; there is no attention-weight dropout, which the fused
-  kernel cannot apply. The fused kernel never forms the attention weights;
+  Dropout (embedding and residual branches) is active with ``train=True``;
+  there is no attention-weight dropout, which the fused kernel cannot apply.
+  The fused kernel never forms the attention weights;
   ``gpt_attention_weights(model, variables, tokens)`` (or ``apply`` with
   ``mutable=["intermediates"]``) computes and returns them as well.
 - **Cached decoding** (generation): a ``KVCache`` holds every layer's keys and
