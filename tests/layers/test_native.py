@@ -277,3 +277,52 @@ def test_gpt_attends_natively(native):
     loss = lambda model: (lambda p: jnp.mean(model.apply(p, tokens) ** 2))
     _close(fast.apply(params, tokens), slow.apply(params, tokens), 1e-5)
     _close(jax.grad(loss(fast))(params), jax.grad(loss(slow))(params), 1e-5)
+
+
+# --- LayerNorm ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 20), (7, 128), (2, 1, 3)])
+def test_layer_norm_backward_matches_xla(native, shape):
+    """Every derivative of ``LayerNorm`` (native backward) against ``native=False``,
+    at feature counts that leave partial vectors and row counts that leave
+    partial chunks; the forward is the same XLA program either way."""
+    from nnlib.layers import LayerNorm
+
+    x = jax.random.normal(jax.random.key(0), shape) * 2 + 1
+    fast, slow = LayerNorm(), LayerNorm(native=False)
+    params = fast.init(jax.random.key(1), x)
+    params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape),
+                          params)
+    w = jax.random.normal(jax.random.key(3), shape)
+    loss = lambda m: (lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)) * w))
+    _close(fast.apply(params, x), slow.apply(params, x), 0.0)
+    grad = jax.jit(jax.grad(loss(fast), (0, 1)))
+    assert "nnlib_layer_norm_backward" in str(jax.make_jaxpr(grad)(params, x))
+    _close(grad(params, x), jax.grad(loss(slow), (0, 1))(params, x), 1e-5)
+    t = jax.random.normal(jax.random.key(4), shape)
+    _close(jax.jvp(lambda x: fast.apply(params, x), (x,), (t,)),
+           jax.jvp(lambda x: slow.apply(params, x), (x,), (t,)), 1e-5)
+    hvp = lambda m: jax.jvp(lambda x: jax.grad(loss(m), 1)(params, x), (x,), (t,))[1]
+    _close(hvp(fast), hvp(slow), 1e-4)
+    rr = lambda m: jax.grad(lambda x: jnp.sum(jax.grad(loss(m), 1)(params, x) ** 2))(x)
+    _close(rr(fast), rr(slow), 1e-4)
+    stacked = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), params)
+    _close(jax.vmap(lambda p: jax.grad(loss(fast))(p, x))(stacked),
+           jax.vmap(lambda p: jax.grad(loss(slow))(p, x))(stacked), 1e-5)
+
+
+def test_layer_norm_native_only_where_it_applies(native):
+    """No scale or no bias, half precision, ``native=False``: XLA's backward."""
+    from nnlib.layers import LayerNorm
+
+    x = jnp.ones((2, 4))
+
+    def program(layer, x):
+        params = layer.init(jax.random.key(0), x)
+        return str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(layer.apply(p, x))))(params))
+
+    assert "nnlib_layer_norm" in program(LayerNorm(), x)
+    for layer, inputs in ((LayerNorm(use_bias=False), x), (LayerNorm(use_scale=False), x),
+                          (LayerNorm(native=False), x), (LayerNorm(), x.astype(jnp.bfloat16))):
+        assert "nnlib_layer_norm" not in program(layer, inputs)
