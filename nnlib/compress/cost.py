@@ -251,7 +251,9 @@ def cost_report(
       ``cost_num_steps``, ``cost_energy_kwh``, ``cost_co2_g``, the assumptions
       (``cost_device_power_w``, ``cost_utilization``, ``cost_pue``,
       ``cost_grid_gco2_per_kwh``) and ``cost_device``. FLOPs and bytes count a
-      ``while``/``scan`` loop body once.
+      ``while``/``scan`` loop body once, and nnlib's native CPU kernels (the
+      LSTM recurrence, attention, LayerNorm's backward) not at all: XLA sees
+      them as opaque calls.
     """
     if num_steps < 1:
         raise ValueError(f"cost_report: num_steps must be >= 1, got {num_steps}")
