@@ -205,12 +205,14 @@ def _backward_call(kernel, gates, cs, c0, hs, h0, ct_hs, ct_c, ct_h, reverse):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _recurrence(kernel, bias, c0, h0, projected, reverse):
     hs, cs, _ = _forward_call(kernel, bias, c0, h0, projected, reverse)
+    hs, cs = _vary_as((projected,), hs), _vary_as((projected,), cs)
     last = 0 if reverse else -1
     return (cs[last], hs[last]), hs
 
 
 def _recurrence_fwd(kernel, bias, c0, h0, projected, reverse):
     hs, cs, gates = _forward_call(kernel, bias, c0, h0, projected, reverse)
+    hs, cs = _vary_as((projected,), hs), _vary_as((projected,), cs)
     last = 0 if reverse else -1
     return ((cs[last], hs[last]), hs), (kernel, c0, h0, hs, cs, gates)
 
@@ -220,7 +222,9 @@ def _recurrence_bwd(reverse, residuals, cotangents):
     (ct_c, ct_h), ct_hs = cotangents
     ct_z, ct_c0, ct_h0, ct_kernel, ct_bias = _backward_call(
         kernel, gates, cs, c0, hs, h0, ct_hs, ct_c, ct_h, reverse)
-    return ct_kernel, ct_bias, ct_c0, ct_h0, ct_z
+    # Inside shard_map every argument entered varying (lstm_recurrence), and
+    # its cotangent must too; an FFI call's results do not inherit it.
+    return tuple(_vary_as((hs,), g) for g in (ct_kernel, ct_bias, ct_c0, ct_h0, ct_z))
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -350,18 +354,20 @@ def _native_backward(scale, fused, *args):
     """The native backward call: ``(dq, dk, dv)``, or ``dqkv`` when fused."""
     if fused:
         qkv = args[0]
-        return jax.ffi.ffi_call(
+        grad = jax.ffi.ffi_call(
             "nnlib_attention_qkv_backward", jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
             vmap_method="sequential",
         )(*args, scale=np.float32(scale))
+        return _vary_as(args, grad)
     q, k, v = args[:3]
-    return jax.ffi.ffi_call(
+    grads = jax.ffi.ffi_call(
         "nnlib_attention_backward",
         (jax.ShapeDtypeStruct(q.shape, jnp.float32),
          jax.ShapeDtypeStruct(k.shape, jnp.float32),
          jax.ShapeDtypeStruct(v.shape, jnp.float32)),
         vmap_method="sequential",
     )(*args, scale=np.float32(scale))
+    return tuple(_vary_as(args, g) for g in grads)
 
 
 @_native_backward.defjvp
@@ -374,11 +380,42 @@ _attention_tangent_p = Primitive("nnlib_attention_tangent")
 _attention_tangent_p.multiple_results = True
 
 
+def _varying_like(base: Any, avals: Any) -> Any:
+    """``base``'s aval, varying over every ``shard_map`` axis any of ``avals``
+    varies over (a tangent varies wherever its primal or its inputs' tangents do)."""
+    varying = frozenset().union(*(_varying_axes(a) for a in avals))
+    out = base.update(weak_type=False)
+    if varying != _varying_axes(out):
+        out = out.update(manual_axis_type=out.manual_axis_type.update(varying=varying))
+    return out
+
+
+def _vary_as(inputs: Any, x: Array) -> Array:
+    """``x`` typed as varying over the ``shard_map`` axes ``inputs`` vary over
+    (an FFI call's results do not inherit them); the identity elsewhere."""
+    axes = frozenset().union(*(_varying_axes(jax.typeof(a)) for a in inputs))
+    missing = tuple(sorted(axes - _varying_axes(jax.typeof(x))))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _summed_like(aval: Any, g: Array) -> Array:
+    """A cotangent ``g`` for an input of type ``aval``: summed over the
+    ``shard_map`` axes it varies over and ``aval`` does not (a replicated
+    weight's gradient from per-device data), cast to those ``aval`` varies over."""
+    extra = tuple(sorted(_varying_axes(jax.typeof(g)) - _varying_axes(aval)))
+    g = jax.lax.psum(g, extra) if extra else g
+    missing = tuple(sorted(_varying_axes(aval) - _varying_axes(jax.typeof(g))))
+    return jax.lax.pcast(g, missing, to="varying") if missing else g
+
+
+def _varying_axes(aval: Any) -> frozenset:
+    return getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+
+
 @_attention_tangent_p.def_abstract_eval
 def _tangent_abstract_eval(*args, scale, fused):
     out, lse = (args[2], args[3]) if fused else (args[4], args[5])
-    return (jax.core.ShapedArray(out.shape, out.dtype),
-            jax.core.ShapedArray(lse.shape, lse.dtype))
+    return _varying_like(out, args), _varying_like(lse, args)
 
 
 def _tangent_transpose(cts, *args, scale, fused):
@@ -397,7 +434,7 @@ def _tangent_transpose(cts, *args, scale, fused):
         zeros = tuple(jnp.zeros(a.shape, a.dtype) for a in avals)
         grads = jax.linear_transpose(tangent, *zeros)((ct_out, ad.instantiate_zeros(ct_lse)))
     grads = (grads,) if fused and not isinstance(grads, tuple) else tuple(grads)
-    return [None] * len(primal) + [g if ad.is_undefined_primal(x) else None
+    return [None] * len(primal) + [_summed_like(x.aval, g) if ad.is_undefined_primal(x) else None
                                    for g, x in zip(grads, linear, strict=True)]
 
 
@@ -456,12 +493,13 @@ def _attention(scale, fused, *args):
         q, _, v = args[:3]
         batch, time, heads, _ = q.shape
         target, out_shape = "nnlib_attention_forward", (batch, time, heads, v.shape[-1])
-    return jax.ffi.ffi_call(
+    out, lse = jax.ffi.ffi_call(
         target,
         (jax.ShapeDtypeStruct(out_shape, jnp.float32),
          jax.ShapeDtypeStruct((batch, heads, time), jnp.float32)),
         vmap_method="sequential",
     )(*args, scale=np.float32(scale))
+    return _vary_as(args, out), _vary_as(args, lse)
 
 
 @_attention.defjvp
@@ -552,13 +590,16 @@ def _layer_norm_backward_reference(x, scale, bias, ct, *, epsilon, reference):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _layer_norm_backward(epsilon, reference, x, scale, bias, ct):
     f32 = jnp.float32
-    return jax.ffi.ffi_call(
+    grads = jax.ffi.ffi_call(
         "nnlib_layer_norm_backward",
         (jax.ShapeDtypeStruct(x.shape, f32),
          jax.ShapeDtypeStruct(scale.shape, f32),
          jax.ShapeDtypeStruct(scale.shape, f32)),
         vmap_method="sequential",
     )(x, scale, ct, epsilon=np.float32(epsilon))
+    # Per-device partial sums inside shard_map: typed varying like the inputs,
+    # summed over devices by the transpose rule where a weight is replicated.
+    return tuple(_vary_as((x, scale, bias, ct), g) for g in grads)
 
 
 @_layer_norm_backward.defjvp
@@ -574,7 +615,7 @@ _layer_norm_tangent_p = Primitive("nnlib_layer_norm_tangent")
 
 @_layer_norm_tangent_p.def_abstract_eval
 def _layer_norm_tangent_abstract_eval(x, scale, bias, dx, dscale, dbias, **params):
-    return jax.core.ShapedArray(x.shape, x.dtype)
+    return _varying_like(x, (x, scale, bias, dx, dscale, dbias))
 
 
 def _layer_norm_tangent_transpose(ct, x, scale, bias, dx, dscale, dbias, *, epsilon,
@@ -582,7 +623,7 @@ def _layer_norm_tangent_transpose(ct, x, scale, bias, dx, dscale, dbias, *, epsi
     if type(ct) is ad.Zero:
         return [None] * 6
     grads = _layer_norm_backward(epsilon, reference, x, scale, bias, ad.instantiate_zeros(ct))
-    return [None] * 3 + [g if ad.is_undefined_primal(t) else None
+    return [None] * 3 + [_summed_like(t.aval, g) if ad.is_undefined_primal(t) else None
                          for g, t in zip(grads, (dx, dscale, dbias), strict=True)]
 
 

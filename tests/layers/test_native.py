@@ -11,6 +11,7 @@ the 16- or 64-unit panels, batches that are not a multiple of the 6-row block).
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import subprocess
 import sys
@@ -326,3 +327,48 @@ def test_layer_norm_native_only_where_it_applies(native):
     for layer, inputs in ((LayerNorm(use_bias=False), x), (LayerNorm(use_scale=False), x),
                           (LayerNorm(native=False), x), (LayerNorm(), x.astype(jnp.bfloat16))):
         assert "nnlib_layer_norm" not in program(layer, inputs)
+
+
+_SHARD_MAP_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from nnlib.layers import _native
+    from nnlib.models import RNNClassifier
+    from nnlib.models.gpt import GPT, GPTConfig
+    from nnlib.train import TrainState, make_optimizer, make_train_step
+    from nnlib.train import parallel as par
+
+    assert _native.available() and jax.device_count() == 2
+    mesh = par.make_mesh()
+    rng = np.random.default_rng(0)
+    cases = {
+        # LSTM recurrence; GPT: LayerNorm's backward and the fused attention.
+        "lstm": (RNNClassifier(num_classes=3, hidden_size=16),
+                 rng.normal(size=(4, 5, 3)).astype(np.float32), 3),
+        "gpt": (GPT(GPTConfig(vocab_size=11, context_length=6, num_layers=1, num_heads=2,
+                              embed_dim=8)),
+                rng.integers(0, 11, size=(4, 6)).astype(np.int32), 11),
+    }
+    for name, (model, inputs, classes) in cases.items():
+        labels = rng.integers(0, classes, size=inputs.shape[:1 if name == "lstm" else 2])
+        batch = {"inputs": inputs, "labels": labels.astype(np.int32)}
+        state = TrainState.create(model=model, tx=make_optimizer("sgd", 0.1),
+                                  key=jax.random.key(0), example_input=inputs[:1])
+        program = str(jax.make_jaxpr(make_train_step())(state, batch))
+        assert "nnlib_" in program, name
+        want, _ = jax.jit(make_train_step())(state, batch)
+        step = par.make_data_parallel_train_step(mesh=mesh, method="shard_map")
+        got, _ = step(par.replicate(state, mesh), par.shard_batch(batch, mesh=mesh))
+        for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+    print("ok")
+""")
+
+
+def test_kernels_under_shard_map(native):
+    """A data-parallel ``shard_map`` train step of an LSTM and of a GPT (every
+    kernel, with replicated weights and per-device data) equals one device's."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
