@@ -372,3 +372,19 @@ def test_kernels_under_shard_map(native):
     result = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_saturated_gates_stay_finite(native):
+    """Pre-activations far past the sigmoid's and tanh's range (|z| ~ 1e3): the
+    kernels' exp saturates instead of overflowing (it reached inf at z = -88.7,
+    and the sigmoid's reciprocal then turned 0 * inf into NaN)."""
+    x = 300.0 * jax.random.normal(jax.random.key(0), (4, 6, 5))
+    fast, plain = RNN(LSTMCell(20)), RNN(LSTMCell(20), fused=False)
+    params = fast.init(jax.random.key(1), x)
+    got, want = _value_and_grads(fast, params, x), _value_and_grads(plain, params, x)
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(got))
+    _close(got[0], want[0], 2e-5)
+    q, k, v = _qkv()
+    out = dot_product_attention(1e3 * q, k, v, causal_mask(5, 7), implementation="native")
+    ref = dot_product_attention(1e3 * q, k, v, causal_mask(5, 7), implementation="explicit")
+    _close(out, ref, 2e-5)

@@ -66,10 +66,12 @@ inline void store_n(float* p, vf v, int64_t n) {
 inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
-// exp(x) for x in [-87.3, 88.7] (clamped), Cephes' expf: a degree-5
-// polynomial after reducing by n ln 2; within 2 ulp of the exact value.
+// exp(x) for x in [-87.3, 88] (clamped), Cephes' expf: a degree-5
+// polynomial after reducing by n ln 2; within 2 ulp of the exact value. The
+// upper bound keeps n <= 127: at 88.7, n = 128 made the scale 2^128 = inf,
+// and a sigmoid of -88.7 then 0 * inf = NaN in the reciprocal's Newton step.
 inline vf vexp(vf x) {
-  x = vmin(vmax(x, splat(-87.3f)), splat(88.7f));
+  x = vmin(vmax(x, splat(-87.3f)), splat(88.0f));
   const vf magic = splat(12582912.0f);  // 1.5 * 2^23: rounds to an integer
   vf n = (x * splat(1.44269504088896341f) + magic) - magic;
   vf r = x - n * splat(0.693359375f);
