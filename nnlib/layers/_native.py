@@ -116,6 +116,7 @@ def build(cxx: str | None = None, cache_dir: Path | None = None) -> tuple[Path |
     library = directory / f"nnlib-native-{key}.so"
     if library.exists():
         return library, ""
+    partial = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # Compiled under a temporary name and renamed: processes that build
@@ -128,11 +129,14 @@ def build(cxx: str | None = None, cache_dir: Path | None = None) -> tuple[Path |
             capture_output=True, text=True, timeout=600,
         )
         if result.returncode != 0:
-            os.unlink(partial)
             return None, f"{cxx} failed: {result.stderr.strip()[-2000:]}"
         os.replace(partial, library)
+        partial = None
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"building {library} failed: {error}"
+    finally:
+        if partial is not None and os.path.exists(partial):
+            os.unlink(partial)
     return library, ""
 
 
