@@ -162,7 +162,7 @@ def available() -> bool:
             if library is None:
                 warnings.warn(
                     f"nnlib's native CPU kernels are not available ({why}); "
-                    "LSTMs and attention run as XLA programs instead",
+                    "nnlib runs its XLA programs instead",
                     RuntimeWarning, stacklevel=2,
                 )
         return bool(_state["loaded"])
@@ -208,10 +208,7 @@ def _backward_call(kernel, gates, cs, c0, hs, h0, ct_hs, ct_c, ct_h, reverse):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _recurrence(kernel, bias, c0, h0, projected, reverse):
-    hs, cs, _ = _forward_call(kernel, bias, c0, h0, projected, reverse)
-    hs, cs = _vary_as((projected,), hs), _vary_as((projected,), cs)
-    last = 0 if reverse else -1
-    return (cs[last], hs[last]), hs
+    return _recurrence_fwd(kernel, bias, c0, h0, projected, reverse)[0]
 
 
 def _recurrence_fwd(kernel, bias, c0, h0, projected, reverse):
@@ -257,7 +254,7 @@ def lstm_recurrence(
 
     Returns:
       ``((c, h), outputs)``: the state after the last step processed and
-      ``outputs: [T, B, H]``. Needs ``lstm_available()``.
+      ``outputs: [T, B, H]``. Needs ``available()``.
     """
     _require()
     c0, h0 = carry

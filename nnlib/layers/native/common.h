@@ -1,6 +1,6 @@
-// Shared by nnlib's native CPU kernels (lstm.cc, attention.cc): vectors and
-// their transcendental functions, the register-blocked matmul microkernels,
-// and the team of threads the kernels share.
+// Shared by nnlib's native CPU kernels (lstm.cc, attention.cc, layernorm.cc):
+// vectors and their transcendental functions, the register-blocked matmul
+// microkernels, and how a call spreads its work over XLA's thread pool.
 //
 // Vectors are GCC's vector extensions, so the same code compiles to AVX-512
 // (16 floats), AVX2 (8) or whatever -march=native offers.
@@ -9,19 +9,15 @@
 #define NNLIB_NATIVE_COMMON_H_
 
 #include <atomic>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 #include <immintrin.h>
-#include <sched.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -175,88 +171,6 @@ inline void cpu_relax() {
 #endif
 }
 
-// A fixed team of threads that helps whichever call is running: the caller
-// always works, and each other thread joins when it wakes (spinning briefly
-// after a call, then asleep). Work is handed out in chunks per phase (a time
-// step, or half of one), claimed from a counter, so a thread the OS has
-// descheduled (XLA's and other libraries' threads share the cores) delays
-// only the chunk it holds: the others take the rest. A static split with a
-// barrier made every step wait for the slowest thread, and the train step of
-// the benchmark's LSTM swung between 19 and 35 ms.
-class Team {
- public:
-  static Team& get() {
-    static Team* team = new Team();  // never destroyed: workers outlive exit
-    return *team;
-  }
-
-  int size() const { return size_; }
-
-  // Runs job() on the calling thread and on every worker that wakes before
-  // it ends; returns when all who joined have left it.
-  void run(const std::function<void()>& job) {
-    std::lock_guard<std::mutex> lock(call_mutex_);
-    if (size_ <= 1) {
-      job();
-      return;
-    }
-    job_ = &job;
-    open_.store(true);
-    generation_.fetch_add(1);
-    generation_.notify_all();
-    job();
-    open_.store(false);
-    while (active_.load() != 0) cpu_relax();
-  }
-
- private:
-  Team() {
-    cpu_set_t set;
-    int cores = 1;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0) cores = CPU_COUNT(&set);
-    if (const char* env = std::getenv("NNLIB_NATIVE_THREADS")) {
-      int n = std::atoi(env);
-      if (n > 0) cores = n;
-    }
-    size_ = cores < 1 ? 1 : cores;
-    for (int m = 1; m < size_; ++m) std::thread([this] { work(); }).detach();
-  }
-
-  void work() {
-    uint64_t seen = 0;
-    for (;;) {
-      // Spin ~20 us for a call that follows at once (the backward after the
-      // forward), then sleep: a longer spin holds a core that XLA's own
-      // threads need for the operations between the calls.
-      uint64_t now = generation_.load(std::memory_order_acquire);
-      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
-      for (int spin = 0; now == seen; ++spin) {
-        cpu_relax();
-        now = generation_.load(std::memory_order_acquire);
-        if ((spin & 63) == 63 && std::chrono::steady_clock::now() > until) break;
-      }
-      if (now == seen) {
-        generation_.wait(seen, std::memory_order_acquire);
-        continue;
-      }
-      seen = now;
-      // Join only a call still running; the caller waits for active_ to
-      // drop to zero before it returns (and its job goes out of scope).
-      if (!open_.load()) continue;
-      active_.fetch_add(1);
-      if (open_.load()) (*job_)();
-      active_.fetch_sub(1);
-    }
-  }
-
-  int size_ = 1;
-  const std::function<void()>* job_ = nullptr;
-  std::mutex call_mutex_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<bool> open_{false};
-  std::atomic<int> active_{0};
-};
-
 // Runs job() on the calling thread and on helpers scheduled on XLA's own
 // intra-op thread pool (the FFI's ThreadPool context), returning when every
 // helper that started has left it. Helpers that start after the call is
@@ -266,16 +180,13 @@ class Team {
 // and the call adds no threads of its own to the two cores; a separate team
 // competed with those spinning threads, and the benchmark GPT's attention
 // calls took 2 to 10 ms where 1.5 was the call's time alone. Without a pool
-// (num_threads 0) nnlib's own Team runs the job.
+// (num_threads 0) the caller runs the job alone; NNLIB_NATIVE_THREADS caps
+// the threads.
 inline void run_job(xla::ffi::ThreadPool& pool, const std::function<void()>& job) {
   int64_t threads = pool.num_threads();
   if (const char* env = std::getenv("NNLIB_NATIVE_THREADS")) {
     const int64_t n = std::atoi(env);
-    if (n > 0) threads = std::min<int64_t>(threads > 0 ? threads : n, n);
-  }
-  if (threads <= 0) {
-    Team::get().run(job);
-    return;
+    if (n > 0) threads = std::min<int64_t>(threads, n);
   }
   struct Shared {
     std::atomic<bool> open{true};

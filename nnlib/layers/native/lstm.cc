@@ -34,6 +34,15 @@ namespace {
 
 using namespace nnlib_native;
 
+// The state before step t of a loop over steps (run from the last step back
+// when reverse): the initial state at the loop's first step, else the state
+// written at the step before t.
+inline const float* state_before(const float* init, const float* all, int64_t t,
+                                 int64_t steps, bool reverse, int64_t stride) {
+  const bool first = reverse ? t == steps - 1 : t == 0;
+  return first ? init : all + (reverse ? t + 1 : t - 1) * stride;
+}
+
 // ------------------------------------------------------------- forward --
 ffi::Error LstmForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> projected, ffi::Buffer<ffi::F32> kernel,
                        ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0,
@@ -76,9 +85,8 @@ ffi::Error LstmForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> projected, ff
     AlignedBuffer z(static_cast<size_t>(4) * batch * kPanel);
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t t = reverse ? steps - 1 - s : s;
-      const int64_t t_prev = reverse ? t + 1 : t - 1;
-      const float* h_prev = s == 0 ? h_init : h_out + t_prev * batch * hidden;
-      const float* c_prev = s == 0 ? c_init : c_out + t_prev * batch * hidden;
+      const float* h_prev = state_before(h_init, h_out, t, steps, reverse, batch * hidden);
+      const float* c_prev = state_before(c_init, c_out, t, steps, reverse, batch * hidden);
       phases.run(s, chunks, [&](int64_t q) {
         const int64_t u0 = q * kPanel;
         const int64_t width = std::min<int64_t>(kPanel, hidden - u0);
@@ -242,9 +250,7 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
     AlignedBuffer zpack(static_cast<size_t>(kStepsPerBlock) * batch * kPanel);
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t t = reverse ? s : steps - 1 - s;  // backward through time
-      const bool first = reverse ? t == steps - 1 : t == 0;
-      const int64_t t_prev = reverse ? t + 1 : t - 1;
-      const float* c_prev = first ? c_init : c_all + t_prev * batch * hidden;
+      const float* c_prev = state_before(c_init, c_all, t, steps, reverse, batch * hidden);
       phases.run(2 * s, chunks, [&](int64_t q) {  // the gates' backward, unit by unit
         const int64_t u0 = q * kPanel;
         const int64_t width = std::min<int64_t>(kPanel, hidden - u0);
@@ -307,16 +313,13 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
     for (int64_t s0 = 0, blk = 0; s0 < steps; s0 += kStepsPerBlock, ++blk) {
       const int64_t block = std::min(kStepsPerBlock, steps - s0);
       const int64_t k_size = block * batch;
-      auto h_of = [&](int64_t t) {
-        const bool first = reverse ? t == steps - 1 : t == 0;
-        return first ? h_init : h_all + (reverse ? t + 1 : t - 1) * batch * hidden;
-      };
       phases.run(2 * steps + 2 * blk, tiles, [&](int64_t tile) {
         const int64_t j0 = tile * kRows;
         const int64_t rows = std::min<int64_t>(kRows, hidden - j0);
         float* dst = apack.data + tile * k_size * kRows;
         for (int64_t i = 0; i < block; ++i) {
-          const float* h = h_of(s0 + i) + j0;
+          const float* h =
+              state_before(h_init, h_all, s0 + i, steps, reverse, batch * hidden) + j0;
           for (int64_t b = 0; b < batch; ++b, dst += kRows)
             for (int64_t r = 0; r < kRows; ++r) dst[r] = r < rows ? h[b * hidden + r] : 0.0f;
         }
