@@ -171,6 +171,12 @@ inline void cpu_relax() {
 #endif
 }
 
+// The calling thread's place in the current job: rank 0 is the caller,
+// helpers count up in the order they join; team is the most threads the job
+// can have.
+inline thread_local int64_t tl_rank = 0;
+inline thread_local int64_t tl_team = 1;
+
 // Runs job() on the calling thread and on helpers scheduled on XLA's own
 // intra-op thread pool (the FFI's ThreadPool context), returning when every
 // helper that started has left it. Helpers that start after the call is
@@ -188,47 +194,75 @@ inline void run_job(xla::ffi::ThreadPool& pool, const std::function<void()>& job
     const int64_t n = std::atoi(env);
     if (n > 0) threads = std::min<int64_t>(threads, n);
   }
+  threads = std::max<int64_t>(threads, 1);
   struct Shared {
     std::atomic<bool> open{true};
     std::atomic<int> active{0};
+    std::atomic<int64_t> next_rank{1};
     const std::function<void()>* job = nullptr;
+    int64_t team = 1;
   };
   auto shared = std::make_shared<Shared>();
   shared->job = &job;
+  shared->team = threads;
   for (int64_t i = 1; i < threads; ++i)
     pool.Schedule([shared] {
       if (!shared->open.load()) return;
       shared->active.fetch_add(1);
-      if (shared->open.load()) (*shared->job)();
+      if (shared->open.load()) {
+        tl_rank = shared->next_rank.fetch_add(1);
+        tl_team = shared->team;
+        (*shared->job)();
+      }
       shared->active.fetch_sub(1);
     });
+  tl_rank = 0;
+  tl_team = threads;
   job();
   shared->open.store(false);
   while (shared->active.load() != 0) cpu_relax();
 }
 
-// Per-phase chunk counters of one call: every thread of the team runs the
+// Per-phase chunk claims of one call: every thread of the team runs the
 // phases in order, claims chunks of each until none is left, then waits for
-// the phase's last chunk to be done.
+// the phase's last chunk to be done. A thread tries its own share of the
+// chunks first (the same chunks at every phase, so the data a chunk keeps
+// reusing, e.g. its slice of the weights, stays in that core's caches), then
+// any chunk still unclaimed (so a late or descheduled thread delays nobody).
 class Phases {
  public:
   explicit Phases(int64_t phases)
-      : claimed_(new std::atomic<int64_t>[phases]()),
+      : claimed_(new std::atomic<uint64_t>[phases]()),
+        next_(new std::atomic<int64_t>[phases]()),
         done_(new std::atomic<int64_t>[phases]()) {}
 
   template <typename F>
   void run(int64_t phase, int64_t chunks, F&& chunk) {
-    for (;;) {
-      const int64_t q = claimed_[phase].fetch_add(1, std::memory_order_relaxed);
-      if (q >= chunks) break;
-      chunk(q);
-      done_[phase].fetch_add(1, std::memory_order_release);
+    if (chunks <= 64 && tl_team > 1) {
+      const int64_t team = std::min<int64_t>(tl_team, chunks);
+      const int64_t home = (tl_rank % team) * chunks / team;
+      for (int64_t i = 0; i < chunks; ++i) {
+        const int64_t q = (home + i) % chunks;
+        const uint64_t bit = uint64_t{1} << q;
+        if (claimed_[phase].load(std::memory_order_relaxed) & bit) continue;
+        if (claimed_[phase].fetch_or(bit, std::memory_order_relaxed) & bit) continue;
+        chunk(q);
+        done_[phase].fetch_add(1, std::memory_order_release);
+      }
+    } else {
+      for (;;) {
+        const int64_t q = next_[phase].fetch_add(1, std::memory_order_relaxed);
+        if (q >= chunks) break;
+        chunk(q);
+        done_[phase].fetch_add(1, std::memory_order_release);
+      }
     }
     while (done_[phase].load(std::memory_order_acquire) < chunks) cpu_relax();
   }
 
  private:
-  std::unique_ptr<std::atomic<int64_t>[]> claimed_, done_;
+  std::unique_ptr<std::atomic<uint64_t>[]> claimed_;
+  std::unique_ptr<std::atomic<int64_t>[]> next_, done_;
 };
 
 }  // namespace nnlib_native

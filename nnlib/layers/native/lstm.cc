@@ -244,60 +244,64 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
   const int64_t tiles = (hidden + kRows - 1) / kRows;
   const int64_t blocks = (steps + kStepsPerBlock - 1) / kStepsPerBlock;
   AlignedBuffer apack(static_cast<size_t>(tiles) * kStepsPerBlock * batch * kRows);
-  Phases phases(2 * steps + 2 * blocks);
+  Phases phases(1 + steps + 2 * blocks);
   auto job = [&] {
     AlignedBuffer out(static_cast<size_t>(batch) * kPanel);
     AlignedBuffer zpack(static_cast<size_t>(kStepsPerBlock) * batch * kPanel);
-    for (int64_t s = 0; s < steps; ++s) {
-      const int64_t t = reverse ? s : steps - 1 - s;  // backward through time
+    // The gates' backward at step t for the units of chunk q: dz_t from
+    // dh (dh_out_t plus the recurrent part) and the carried dc.
+    auto gates_backward = [&](int64_t t, int64_t q) {
       const float* c_prev = state_before(c_init, c_all, t, steps, reverse, batch * hidden);
-      phases.run(2 * s, chunks, [&](int64_t q) {  // the gates' backward, unit by unit
-        const int64_t u0 = q * kPanel;
-        const int64_t width = std::min<int64_t>(kPanel, hidden - u0);
-        for (int64_t b = 0; b < batch; ++b) {
-          const float* grow = gt + (t * batch + b) * gate_cols + u0;
-          float* zrow = dz + (t * batch + b) * gate_cols + u0;
-          const float* crow = c_all + (t * batch + b) * hidden + u0;
-          const float* cprow = c_prev + b * hidden + u0;
-          const float* dhrow = dh_out + (t * batch + b) * hidden + u0;
-          float* dhr = dh_rec.data + b * hidden + u0;
-          float* dcr = dc_carry.data + b * hidden + u0;
-          for (int64_t u = 0; u < width; u += kVec) {
-            const int64_t n = std::min<int64_t>(kVec, width - u);
-            const vf i = load_n(grow + u, n), f = load_n(grow + hidden + u, n);
-            const vf gg = load_n(grow + 2 * hidden + u, n), o = load_n(grow + 3 * hidden + u, n);
-            const vf c = load_n(crow + u, n), cp = load_n(cprow + u, n);
-            const vf dh = load_n(dhrow + u, n) + load_n(dhr + u, n);
-            vf dc = load_n(dcr + u, n);
-            const vf one = splat(1.0f);
-            vf tc = vtanh(c);
-            vf d_o = dh * tc;
-            dc = dc + dh * o * (one - tc * tc);
-            vf zi = dc * gg * i * (one - i);
-            vf zf = dc * cp * f * (one - f);
-            vf zg = dc * i * (one - gg * gg);
-            vf zo = d_o * o * (one - o);
-            vf dc_next = dc * f;
-            store_n(zrow + u, zi, n);
-            store_n(zrow + hidden + u, zf, n);
-            store_n(zrow + 2 * hidden + u, zg, n);
-            store_n(zrow + 3 * hidden + u, zo, n);
-            store_n(dcr + u, dc_next, n);
-          }
+      const int64_t u0 = q * kPanel;
+      const int64_t width = std::min<int64_t>(kPanel, hidden - u0);
+      for (int64_t b = 0; b < batch; ++b) {
+        const float* grow = gt + (t * batch + b) * gate_cols + u0;
+        float* zrow = dz + (t * batch + b) * gate_cols + u0;
+        const float* crow = c_all + (t * batch + b) * hidden + u0;
+        const float* cprow = c_prev + b * hidden + u0;
+        const float* dhrow = dh_out + (t * batch + b) * hidden + u0;
+        float* dhr = dh_rec.data + b * hidden + u0;
+        float* dcr = dc_carry.data + b * hidden + u0;
+        for (int64_t u = 0; u < width; u += kVec) {
+          const int64_t n = std::min<int64_t>(kVec, width - u);
+          const vf i = load_n(grow + u, n), f = load_n(grow + hidden + u, n);
+          const vf gg = load_n(grow + 2 * hidden + u, n), o = load_n(grow + 3 * hidden + u, n);
+          const vf c = load_n(crow + u, n), cp = load_n(cprow + u, n);
+          const vf dh = load_n(dhrow + u, n) + load_n(dhr + u, n);
+          vf dc = load_n(dcr + u, n);
+          const vf one = splat(1.0f);
+          vf tc = vtanh(c);
+          vf d_o = dh * tc;
+          dc = dc + dh * o * (one - tc * tc);
+          vf zi = dc * gg * i * (one - i);
+          vf zf = dc * cp * f * (one - f);
+          vf zg = dc * i * (one - gg * gg);
+          vf zo = d_o * o * (one - o);
+          vf dc_next = dc * f;
+          store_n(zrow + u, zi, n);
+          store_n(zrow + hidden + u, zf, n);
+          store_n(zrow + 2 * hidden + u, zg, n);
+          store_n(zrow + 3 * hidden + u, zo, n);
+          store_n(dcr + u, dc_next, n);
         }
-        // db += sum_b dz_t (this step's chunk is this thread's alone).
-        for (int g = 0; g < 4; ++g)
-          for (int64_t u = 0; u < width; u += kVec) {
-            const int64_t n = std::min<int64_t>(kVec, width - u);
-            vf sum = load_n(db + g * hidden + u0 + u, n);
-            for (int64_t b = 0; b < batch; ++b)
-              sum += load_n(dz + (t * batch + b) * gate_cols + g * hidden + u0 + u, n);
-            store_n(db + g * hidden + u0 + u, sum, n);
-          }
-      });
-      // Every unit's dz_t is written: dh_{t-1} = dz_t W^T, by units.
-      const float* zt = dz + t * batch * gate_cols;
-      phases.run(2 * s + 1, chunks, [&](int64_t q) {
+      }
+      // db += sum_b dz_t (this step's chunk is this thread's alone).
+      for (int g = 0; g < 4; ++g)
+        for (int64_t u = 0; u < width; u += kVec) {
+          const int64_t n = std::min<int64_t>(kVec, width - u);
+          vf sum = load_n(db + g * hidden + u0 + u, n);
+          for (int64_t b = 0; b < batch; ++b)
+            sum += load_n(dz + (t * batch + b) * gate_cols + g * hidden + u0 + u, n);
+          store_n(db + g * hidden + u0 + u, sum, n);
+        }
+    };
+    auto time_of = [&](int64_t s) { return reverse ? s : steps - 1 - s; };  // backward through time
+    phases.run(0, chunks, [&](int64_t q) { gates_backward(time_of(0), q); });
+    for (int64_t s = 0; s < steps; ++s) {
+      // Every unit's dz_t is written: dh_{t-1} = dz_t W^T by units, then
+      // (the same units' dh is all it needs) the gates' backward at t - 1.
+      const float* zt = dz + time_of(s) * batch * gate_cols;
+      phases.run(1 + s, chunks, [&](int64_t q) {
         const int64_t u0 = q * kPanel;
         const int64_t width = std::min<int64_t>(kPanel, hidden - u0);
         panel_product(zt, gate_cols, batch, packed.data + q * gate_cols * kPanel, gate_cols,
@@ -305,6 +309,7 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
         for (int64_t b = 0; b < batch; ++b)
           std::memcpy(dh_rec.data + b * hidden + u0, out.data + b * kPanel,
                       width * sizeof(float));
+        if (s + 1 < steps) gates_backward(time_of(s + 1), q);
       });
     }
     // dW = sum_t h_{t-1}^T dz_t, a block of steps at a time: the block's
@@ -313,7 +318,7 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
     for (int64_t s0 = 0, blk = 0; s0 < steps; s0 += kStepsPerBlock, ++blk) {
       const int64_t block = std::min(kStepsPerBlock, steps - s0);
       const int64_t k_size = block * batch;
-      phases.run(2 * steps + 2 * blk, tiles, [&](int64_t tile) {
+      phases.run(1 + steps + 2 * blk, tiles, [&](int64_t tile) {
         const int64_t j0 = tile * kRows;
         const int64_t rows = std::min<int64_t>(kRows, hidden - j0);
         float* dst = apack.data + tile * k_size * kRows;
@@ -324,7 +329,7 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
             for (int64_t r = 0; r < kRows; ++r) dst[r] = r < rows ? h[b * hidden + r] : 0.0f;
         }
       });
-      phases.run(2 * steps + 2 * blk + 1, panels, [&](int64_t panel) {
+      phases.run(2 + steps + 2 * blk, panels, [&](int64_t panel) {
         const int64_t n0 = panel * kPanel;
         const int64_t w = std::min<int64_t>(kPanel, gate_cols - n0);
         for (int64_t k = 0; k < k_size; ++k) {
