@@ -40,6 +40,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -180,9 +181,9 @@ def reason() -> str:
     return _state["reason"]
 
 
-def _forward_call(kernel, bias, c0, h0, projected, reverse):
-    steps, batch, gates = projected.shape
-    hidden = gates // 4
+def _forward_call(kernel, in_kernel, bias, c0, h0, inputs, projected, reverse):
+    batch, steps, _ = inputs.shape
+    hidden, gates = kernel.shape
     f32 = jnp.float32
     return jax.ffi.ffi_call(
         _FORWARD,
@@ -190,42 +191,52 @@ def _forward_call(kernel, bias, c0, h0, projected, reverse):
          jax.ShapeDtypeStruct((steps, batch, hidden), f32),
          jax.ShapeDtypeStruct((steps, batch, gates), f32)),
         vmap_method="sequential",
-    )(projected, kernel, bias, c0, h0, reverse=np.int64(reverse))
+    )(projected, inputs, in_kernel, kernel, bias, c0, h0, reverse=np.int64(reverse))
 
 
-def _backward_call(kernel, gates, cs, c0, hs, h0, ct_hs, ct_c, ct_h, reverse):
+def _backward_call(kernel, in_kernel, gates, cs, c0, hs, h0, inputs, ct_hs, ct_c, ct_h,
+                   reverse):
     f32 = jnp.float32
     return jax.ffi.ffi_call(
         _BACKWARD,
         (jax.ShapeDtypeStruct(gates.shape, f32),
          jax.ShapeDtypeStruct(c0.shape, f32),
          jax.ShapeDtypeStruct(c0.shape, f32),
+         jax.ShapeDtypeStruct(in_kernel.shape, f32),
          jax.ShapeDtypeStruct(kernel.shape, f32),
          jax.ShapeDtypeStruct(kernel.shape[-1:], f32)),
         vmap_method="sequential",
-    )(kernel, gates, cs, c0, hs, h0, ct_hs, ct_c, ct_h, reverse=np.int64(reverse))
+    )(kernel, gates, cs, c0, hs, h0, inputs, ct_hs, ct_c, ct_h, reverse=np.int64(reverse))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _recurrence(kernel, bias, c0, h0, projected, reverse):
-    return _recurrence_fwd(kernel, bias, c0, h0, projected, reverse)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _recurrence(kernel, in_kernel, bias, c0, h0, inputs, projected, reverse):
+    return _recurrence_fwd(kernel, in_kernel, bias, c0, h0, inputs, projected, reverse)[0]
 
 
-def _recurrence_fwd(kernel, bias, c0, h0, projected, reverse):
-    hs, cs, gates = _forward_call(kernel, bias, c0, h0, projected, reverse)
-    hs, cs = _vary_as((projected,), hs), _vary_as((projected,), cs)
+def _recurrence_fwd(kernel, in_kernel, bias, c0, h0, inputs, projected, reverse):
+    hs, cs, gates = _forward_call(kernel, in_kernel, bias, c0, h0, inputs, projected, reverse)
+    hs, cs = _vary_as((inputs, projected), hs), _vary_as((inputs, projected), cs)
     last = 0 if reverse else -1
-    return ((cs[last], hs[last]), hs), (kernel, c0, h0, hs, cs, gates)
+    residuals = (kernel, in_kernel, c0, h0, inputs, projected.shape, hs, cs, gates)
+    return ((cs[last], hs[last]), hs), residuals
 
 
 def _recurrence_bwd(reverse, residuals, cotangents):
-    kernel, c0, h0, hs, cs, gates = residuals
+    kernel, in_kernel, c0, h0, inputs, projected_shape, hs, cs, gates = residuals
     (ct_c, ct_h), ct_hs = cotangents
-    ct_z, ct_c0, ct_h0, ct_kernel, ct_bias = _backward_call(
-        kernel, gates, cs, c0, hs, h0, ct_hs, ct_c, ct_h, reverse)
+    ct_z, ct_c0, ct_h0, ct_in_kernel, ct_kernel, ct_bias = _backward_call(
+        kernel, in_kernel, gates, cs, c0, hs, h0, inputs, ct_hs, ct_c, ct_h, reverse)
+    # The inputs' gradient dz W_in^T (XLA drops it where unused): the product
+    # time major as dz is, then the small [T, B, F] result batch major (a
+    # batch-major product output made XLA transpose all of dz first: +3 ms on
+    # the benchmark's layer).
+    ct_inputs = jnp.swapaxes(jnp.einsum("tbg,fg->tbf", ct_z, in_kernel), 0, 1)
+    ct_projected = ct_z if math.prod(projected_shape) else jnp.zeros(projected_shape, ct_z.dtype)
     # Inside shard_map every argument entered varying (lstm_recurrence), and
     # its cotangent must too; an FFI call's results do not inherit it.
-    return tuple(_vary_as((hs,), g) for g in (ct_kernel, ct_bias, ct_c0, ct_h0, ct_z))
+    return tuple(_vary_as((hs,), g) for g in (
+        ct_kernel, ct_in_kernel, ct_bias, ct_c0, ct_h0, ct_inputs, ct_projected))
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -234,21 +245,29 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 def lstm_recurrence(
     kernel: Array,
     carry: tuple[Array, Array],
-    projected: Array,
+    projected: Array | None = None,
     bias: Array | None = None,
     *,
+    inputs: Array | None = None,
+    input_kernel: Array | None = None,
     reverse: bool = False,
 ) -> tuple[tuple[Array, Array], Array]:
-    """The LSTM recurrence ``z_t = p_t + b + h_{t-1} W``, gates ``i, f, g, o``, natively.
+    """The LSTM recurrence ``z_t = p_t + x_t W_in + b + h_{t-1} W``, gates ``i, f, g, o``, natively.
+
+    The inputs' half of the gates comes as ``projected`` (``p``, computed
+    beforehand), as ``inputs`` with ``input_kernel`` (``x W_in``, computed
+    inside the loop with the recurrent product, and its weight gradient with
+    the recurrent one: no ``[T, B, 4H]`` array of projections is written or
+    read), or both.
 
     Args:
       kernel: the recurrent kernel ``W: [H, 4H]``, float32.
       carry: ``(c, h)``, each ``[B, H]`` float32: the state before the first step.
-      projected: ``[T, B, 4H]`` float32, the inputs' half of every gate, time
-        major.
-      bias: optional ``[4H]`` added to every step's gates (the input
-        projection's bias, added inside the kernel: one pass over
-        ``projected`` less than adding it beforehand).
+      projected: optional ``[T, B, 4H]`` float32, time major.
+      bias: optional ``[4H]`` added to every step's gates (added inside the
+        kernel: one pass over the gates less than adding it beforehand).
+      inputs: optional ``[B, T, F]`` float32, batch major (as ``RNN`` takes
+        them), with ``input_kernel: [F, 4H]``.
       reverse: run from the last step to the first (outputs stay aligned
         with the inputs).
 
@@ -258,16 +277,31 @@ def lstm_recurrence(
     """
     _require()
     c0, h0 = carry
+    hidden, gates = kernel.shape
+    if (inputs is None) != (input_kernel is None):
+        raise ValueError("lstm_recurrence: give inputs and input_kernel together")
+    if inputs is None and projected is None:
+        raise ValueError("lstm_recurrence: give projected, or inputs and input_kernel")
+    # The absent one is an empty array (varying like the other one inside
+    # shard_map, as its cotangent will).
+    if inputs is None:
+        inputs = jnp.zeros((h0.shape[0], projected.shape[0], 0), jnp.float32)
+        inputs = inputs + jnp.zeros_like(projected, shape=())
+        input_kernel = jnp.zeros((0, gates), jnp.float32)
+    if projected is None:
+        projected = jnp.zeros((0,), jnp.float32) + jnp.zeros_like(inputs, shape=())
+    steps = inputs.shape[1]
     if bias is None:
-        bias = jnp.zeros(projected.shape[-1:], projected.dtype)
-    if projected.shape[0] == 0:
+        bias = jnp.zeros((gates,), jnp.float32)
+    if steps == 0:
         return carry, jnp.zeros((0, *h0.shape), h0.dtype)
     # Inside shard_map the weights are replicated and the inputs per device; a
     # custom VJP returns cotangents typed like its arguments, so everything
     # enters it varying like the inputs (as _recurrence.varying_like does).
-    zero = jnp.zeros_like(projected, shape=())
-    kernel, bias, c0, h0 = (x + zero for x in (kernel, bias, c0, h0))
-    return _recurrence(kernel, bias, c0, h0, projected, bool(reverse))
+    zero = jnp.zeros_like(inputs, shape=()) + jnp.zeros_like(projected, shape=())
+    kernel, input_kernel, bias, c0, h0 = (
+        x + zero for x in (kernel, input_kernel, bias, c0, h0))
+    return _recurrence(kernel, input_kernel, bias, c0, h0, inputs, projected, bool(reverse))
 
 
 # --------------------------------------------------------------------------- #

@@ -52,12 +52,15 @@ def _close(a, b, tol=2e-5):
 
 
 @pytest.mark.parametrize(
-    "batch, time, hidden, reverse",
-    [(5, 7, 20, False), (5, 7, 20, True), (13, 3, 70, False), (1, 1, 3, True), (8, 4, 128, False)],
+    "batch, time, hidden, reverse, features",
+    [(5, 7, 20, False, 13), (5, 7, 20, True, 6), (13, 3, 70, False, 6), (1, 1, 3, True, 6),
+     (8, 4, 128, False, 6), (4, 5, 20, False, 40)],
 )
-def test_matches_xla_recurrence(native, batch, time, hidden, reverse):
-    """Outputs, final carry and every gradient (weights, inputs, initial carry)."""
-    x = jax.random.normal(jax.random.key(0), (batch, time, 6))
+def test_matches_xla_recurrence(native, batch, time, hidden, reverse, features):
+    """Outputs, final carry and every gradient (weights, inputs, initial carry),
+    with the input projection inside the kernel (features <= hidden, ragged
+    tiles of features) and beforehand (features > hidden)."""
+    x = jax.random.normal(jax.random.key(0), (batch, time, features))
     cell = LSTMCell(hidden, forget_bias=1.0)
     fast = RNN(cell, reverse=reverse)
     plain = RNN(cell, reverse=reverse, fused=False)
@@ -68,6 +71,47 @@ def test_matches_xla_recurrence(native, batch, time, hidden, reverse):
     got = jax.jit(lambda p, x, c: fast.apply(p, x, initial_carry=c))(params, x, carry)
     _close(got, want, 2e-6)
     _close(_value_and_grads(fast, params, x, carry), _value_and_grads(plain, params, x, carry))
+
+
+def test_projected_and_inputs_together(native):
+    """``lstm_recurrence`` with both halves of the inputs' gates, ``p_t`` and
+    ``x_t W_in``, against a ``lax.scan`` of the cell's equations: values and
+    the gradients of every argument."""
+    batch, time, features, hidden = 3, 5, 7, 10
+    keys = jax.random.split(jax.random.key(0), 7)
+    kernel = 0.3 * jax.random.normal(keys[0], (hidden, 4 * hidden))
+    in_kernel = 0.3 * jax.random.normal(keys[1], (features, 4 * hidden))
+    bias = jax.random.normal(keys[2], (4 * hidden,))
+    carry = tuple(jax.random.normal(k, (batch, hidden)) for k in keys[3:5])
+    projected = jax.random.normal(keys[5], (time, batch, 4 * hidden))
+    inputs = jax.random.normal(keys[6], (batch, time, features))
+
+    def reference(kernel, in_kernel, bias, carry, projected, inputs):
+        def step(carry, xs):
+            c, h = carry
+            p, x = xs
+            i, f, g, o = jnp.split(p + x @ in_kernel + bias + h @ kernel, 4, axis=-1)
+            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+            h = jax.nn.sigmoid(o) * jnp.tanh(c)
+            return (c, h), h
+        return jax.lax.scan(step, carry, (projected, jnp.swapaxes(inputs, 0, 1)))
+
+    def native_call(kernel, in_kernel, bias, carry, projected, inputs):
+        return _native.lstm_recurrence(kernel, carry, projected, bias, inputs=inputs,
+                                       input_kernel=in_kernel)
+
+    args = (kernel, in_kernel, bias, carry, projected, inputs)
+    _close(jax.jit(native_call)(*args), reference(*args), 2e-6)
+
+    def loss(f):
+        def value(*args):
+            (c, h), out = f(*args)
+            return jnp.sum(out * jnp.cos(out)) + jnp.sum(c) + jnp.sum(h ** 2)
+        return jax.jit(jax.grad(value, argnums=tuple(range(6))))
+
+    _close(loss(native_call)(*args), loss(reference)(*args))
+    with pytest.raises(ValueError, match="together"):
+        _native.lstm_recurrence(kernel, carry, projected, inputs=inputs)
 
 
 def test_runs_the_native_call(native):

@@ -115,14 +115,16 @@ inline vf vtanh(vf x) {
 }
 
 // ------------------------------------------------------------ the product --
-// C[r, 0:kPanel] = sum_k A[r, k] Bp[k, 0:kPanel] for R rows; Bp is a packed,
-// aligned panel [K, kPanel]; C has row stride kPanel.
-template <int R>
+// C[r, 0:kPanel] (+)= sum_k A[r, k] Bp[k, 0:kPanel] for R rows; Bp is a
+// packed, aligned panel [K, kPanel]; C has row stride kPanel. With
+// kAccumulate the product is added to C, else it overwrites C.
+template <int R, bool kAccumulate>
 inline void microkernel(const float* a, int64_t lda, const float* bp, int64_t k_size,
                         float* c) {
   vf acc[R][kPanelVecs];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < kPanelVecs; ++j) acc[r][j] = vf{};
+    for (int j = 0; j < kPanelVecs; ++j)
+      acc[r][j] = kAccumulate ? load(c + r * kPanel + j * kVec) : vf{};
   for (int64_t k = 0; k < k_size; ++k) {
     vf b[kPanelVecs];
     for (int j = 0; j < kPanelVecs; ++j)
@@ -136,20 +138,31 @@ inline void microkernel(const float* a, int64_t lda, const float* bp, int64_t k_
     for (int j = 0; j < kPanelVecs; ++j) store(c + r * kPanel + j * kVec, acc[r][j]);
 }
 
-// C[rows, kPanel] = A[rows, K] @ Bp[K, kPanel].
-inline void panel_product(const float* a, int64_t lda, int64_t rows, const float* bp,
-                          int64_t k_size, float* c) {
+template <bool kAccumulate>
+inline void rows_product(const float* a, int64_t lda, int64_t rows, const float* bp,
+                         int64_t k_size, float* c) {
   int64_t r = 0;
   for (; r + kRows <= rows; r += kRows)
-    microkernel<kRows>(a + r * lda, lda, bp, k_size, c + r * kPanel);
+    microkernel<kRows, kAccumulate>(a + r * lda, lda, bp, k_size, c + r * kPanel);
+  float* cr = c + r * kPanel;
+  a += r * lda;
   switch (rows - r) {
-    case 5: microkernel<5>(a + r * lda, lda, bp, k_size, c + r * kPanel); break;
-    case 4: microkernel<4>(a + r * lda, lda, bp, k_size, c + r * kPanel); break;
-    case 3: microkernel<3>(a + r * lda, lda, bp, k_size, c + r * kPanel); break;
-    case 2: microkernel<2>(a + r * lda, lda, bp, k_size, c + r * kPanel); break;
-    case 1: microkernel<1>(a + r * lda, lda, bp, k_size, c + r * kPanel); break;
+    case 5: microkernel<5, kAccumulate>(a, lda, bp, k_size, cr); break;
+    case 4: microkernel<4, kAccumulate>(a, lda, bp, k_size, cr); break;
+    case 3: microkernel<3, kAccumulate>(a, lda, bp, k_size, cr); break;
+    case 2: microkernel<2, kAccumulate>(a, lda, bp, k_size, cr); break;
+    case 1: microkernel<1, kAccumulate>(a, lda, bp, k_size, cr); break;
     default: break;
   }
+}
+
+// C[rows, kPanel] = A[rows, K] @ Bp[K, kPanel], or C += it (accumulate).
+inline void panel_product(const float* a, int64_t lda, int64_t rows, const float* bp,
+                          int64_t k_size, float* c, bool accumulate = false) {
+  if (accumulate)
+    rows_product<true>(a, lda, rows, bp, k_size, c);
+  else
+    rows_product<false>(a, lda, rows, bp, k_size, c);
 }
 
 struct AlignedBuffer {

@@ -44,22 +44,35 @@ inline const float* state_before(const float* init, const float* all, int64_t t,
 }
 
 // ------------------------------------------------------------- forward --
-ffi::Error LstmForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> projected, ffi::Buffer<ffi::F32> kernel,
-                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0,
+ffi::Error LstmForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> projected,
+                       ffi::Buffer<ffi::F32> inputs, ffi::Buffer<ffi::F32> in_kernel,
+                       ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> bias,
+                       ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> h0,
                        ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> cs,
                        ffi::ResultBuffer<ffi::F32> gates, int64_t reverse) {
-  auto dims = projected.dimensions();
-  if (dims.size() != 3) return ffi::Error::InvalidArgument("projected must be [T, B, 4H]");
-  const int64_t steps = dims[0], batch = dims[1], gate_cols = dims[2];
-  const int64_t hidden = gate_cols / 4;
-  if (kernel.dimensions().size() != 2 || kernel.dimensions()[0] != hidden ||
-      kernel.dimensions()[1] != gate_cols)
+  auto xdims = inputs.dimensions();
+  if (xdims.size() != 3) return ffi::Error::InvalidArgument("inputs must be [B, T, F]");
+  const int64_t batch = xdims[0], steps = xdims[1], features = xdims[2];
+  auto kdims = kernel.dimensions();
+  if (kdims.size() != 2 || kdims[1] != 4 * kdims[0])
     return ffi::Error::InvalidArgument("kernel must be [H, 4H]");
+  const int64_t hidden = kdims[0], gate_cols = kdims[1];
+  if (in_kernel.dimensions().size() != 2 || in_kernel.dimensions()[0] != features ||
+      in_kernel.dimensions()[1] != gate_cols)
+    return ffi::Error::InvalidArgument("in_kernel must be [F, 4H]");
   if (bias.element_count() != static_cast<size_t>(gate_cols))
     return ffi::Error::InvalidArgument("bias must be [4H]");
+  // projected is [T, B, 4H], or empty where the inputs' half is all x W_in.
+  const bool has_projected = projected.element_count() != 0;
+  if (has_projected &&
+      (projected.dimensions().size() != 3 || projected.dimensions()[0] != steps ||
+       projected.dimensions()[1] != batch || projected.dimensions()[2] != gate_cols))
+    return ffi::Error::InvalidArgument("projected must be [T, B, 4H] or empty");
   const float* p = projected.typed_data();
+  const float* x = inputs.typed_data();
   const float* bias_all = bias.typed_data();
   const float* w = kernel.typed_data();
+  const float* w_in = in_kernel.typed_data();
   const float* c_init = c0.typed_data();
   const float* h_init = h0.typed_data();
   float* h_out = hs->typed_data();
@@ -68,16 +81,18 @@ ffi::Error LstmForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> projected, ff
   if (steps == 0 || batch == 0 || hidden == 0) return ffi::Error::Success();
 
   const int64_t chunks = (hidden + kPanel - 1) / kPanel;
-  // Packed kernel: for chunk q and gate g, a panel [H, kPanel] of columns
-  // g H + q kPanel + u (zero past H).
-  AlignedBuffer packed(static_cast<size_t>(chunks) * 4 * hidden * kPanel);
+  const int64_t depth = features + hidden;
+  // Packed weights: for chunk q and gate g, a panel [F + H, kPanel] of
+  // columns g H + q kPanel + u (zero past H): W_in's rows, then W's.
+  AlignedBuffer packed(static_cast<size_t>(chunks) * 4 * depth * kPanel);
   for (int64_t q = 0; q < chunks; ++q)
     for (int g = 0; g < 4; ++g) {
-      float* panel = packed.data + (q * 4 + g) * hidden * kPanel;
+      float* panel = packed.data + (q * 4 + g) * depth * kPanel;
       const int64_t width = std::min<int64_t>(kPanel, hidden - q * kPanel);
-      for (int64_t k = 0; k < hidden; ++k)
-        std::memcpy(panel + k * kPanel, w + k * gate_cols + g * hidden + q * kPanel,
-                    width * sizeof(float));
+      for (int64_t k = 0; k < depth; ++k) {
+        const float* row = k < features ? w_in + k * gate_cols : w + (k - features) * gate_cols;
+        std::memcpy(panel + k * kPanel, row + g * hidden + q * kPanel, width * sizeof(float));
+      }
     }
 
   Phases phases(steps);
@@ -90,11 +105,18 @@ ffi::Error LstmForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> projected, ff
       phases.run(s, chunks, [&](int64_t q) {
         const int64_t u0 = q * kPanel;
         const int64_t width = std::min<int64_t>(kPanel, hidden - u0);
-        for (int g = 0; g < 4; ++g)
-          panel_product(h_prev, hidden, batch, packed.data + (q * 4 + g) * hidden * kPanel,
-                        hidden, z.data + g * batch * kPanel);
+        // z = x_t W_in + h_{t-1} W for this chunk's units of each gate (x
+        // is batch major: row b of step t at x + (b T + t) F).
+        for (int g = 0; g < 4; ++g) {
+          const float* panel = packed.data + (q * 4 + g) * depth * kPanel;
+          float* zg = z.data + g * batch * kPanel;
+          if (features > 0)
+            panel_product(x + t * features, steps * features, batch, panel, features, zg);
+          panel_product(h_prev, hidden, batch, panel + features * kPanel, hidden, zg,
+                        features > 0);
+        }
         for (int64_t b = 0; b < batch; ++b) {
-          const float* prow = p + (t * batch + b) * gate_cols + u0;
+          const float* prow = has_projected ? p + (t * batch + b) * gate_cols + u0 : nullptr;
           float* grow = g_out + (t * batch + b) * gate_cols + u0;
           const float* cp = c_prev + b * hidden + u0;
           float* co = c_out + (t * batch + b) * hidden + u0;
@@ -102,17 +124,15 @@ ffi::Error LstmForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> projected, ff
           const float* brow = bias_all + u0;
           for (int64_t u = 0; u < width; u += kVec) {
             const int64_t n = std::min<int64_t>(kVec, width - u);
-            const vf i = vsigmoid(load(z.data + (0 * batch + b) * kPanel + u) +
-                                  load_n(prow + u, n) + load_n(brow + u, n));
-            const vf f = vsigmoid(load(z.data + (1 * batch + b) * kPanel + u) +
-                                  load_n(prow + hidden + u, n) +
-                                  load_n(brow + hidden + u, n));
-            const vf gg = vtanh(load(z.data + (2 * batch + b) * kPanel + u) +
-                                load_n(prow + 2 * hidden + u, n) +
-                                load_n(brow + 2 * hidden + u, n));
-            const vf o = vsigmoid(load(z.data + (3 * batch + b) * kPanel + u) +
-                                  load_n(prow + 3 * hidden + u, n) +
-                                  load_n(brow + 3 * hidden + u, n));
+            // Gate g's pre-activation: the product, the bias, p if given.
+            auto pre = [&](int g) {
+              vf v = load(z.data + (g * batch + b) * kPanel + u) + load_n(brow + g * hidden + u, n);
+              return prow ? v + load_n(prow + g * hidden + u, n) : v;
+            };
+            const vf i = vsigmoid(pre(0));
+            const vf f = vsigmoid(pre(1));
+            const vf gg = vtanh(pre(2));
+            const vf o = vsigmoid(pre(3));
             const vf c = f * load_n(cp + u, n) + i * gg;
             store_n(grow + u, i, n);
             store_n(grow + hidden + u, f, n);
@@ -192,15 +212,22 @@ constexpr int64_t kStepsPerBlock = 4;
 ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> gates,
                         ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> c0,
                         ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> h0,
-                        ffi::Buffer<ffi::F32> ct_hs, ffi::Buffer<ffi::F32> ct_c,
-                        ffi::Buffer<ffi::F32> ct_h, ffi::ResultBuffer<ffi::F32> ct_z,
-                        ffi::ResultBuffer<ffi::F32> ct_c0, ffi::ResultBuffer<ffi::F32> ct_h0,
+                        ffi::Buffer<ffi::F32> inputs, ffi::Buffer<ffi::F32> ct_hs,
+                        ffi::Buffer<ffi::F32> ct_c, ffi::Buffer<ffi::F32> ct_h,
+                        ffi::ResultBuffer<ffi::F32> ct_z, ffi::ResultBuffer<ffi::F32> ct_c0,
+                        ffi::ResultBuffer<ffi::F32> ct_h0, ffi::ResultBuffer<ffi::F32> ct_in_kernel,
                         ffi::ResultBuffer<ffi::F32> ct_kernel,
                         ffi::ResultBuffer<ffi::F32> ct_bias, int64_t reverse) {
   auto dims = gates.dimensions();
   if (dims.size() != 3) return ffi::Error::InvalidArgument("gates must be [T, B, 4H]");
   const int64_t steps = dims[0], batch = dims[1], gate_cols = dims[2];
   const int64_t hidden = gate_cols / 4;
+  if (inputs.dimensions().size() != 3 || inputs.dimensions()[0] != batch ||
+      inputs.dimensions()[1] != steps)
+    return ffi::Error::InvalidArgument("inputs must be [B, T, F]");
+  const int64_t features = inputs.dimensions()[2];
+  const float* x = inputs.typed_data();
+  float* dw_in = ct_in_kernel->typed_data();
   const float* w = kernel.typed_data();
   const float* gt = gates.typed_data();
   const float* c_all = cs.typed_data();
@@ -214,6 +241,7 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
   const float* h_all = hs.typed_data();
   const float* h_init = h0.typed_data();
   std::memset(dw, 0, hidden * gate_cols * sizeof(float));
+  std::memset(dw_in, 0, features * gate_cols * sizeof(float));
   std::memset(db, 0, gate_cols * sizeof(float));
   if (batch == 0 || hidden == 0) return ffi::Error::Success();
   if (steps == 0) {
@@ -241,7 +269,10 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
   std::memcpy(dc_carry.data, ct_c.typed_data(), batch * hidden * sizeof(float));
 
   const int64_t panels = (gate_cols + kPanel - 1) / kPanel;
-  const int64_t tiles = (hidden + kRows - 1) / kRows;
+  // The weight gradients' rows in tiles of kRows: the input features' (of
+  // dW_in, from x_t), then the hidden units' (of dW, from h_{t-1}).
+  const int64_t x_tiles = (features + kRows - 1) / kRows;
+  const int64_t tiles = x_tiles + (hidden + kRows - 1) / kRows;
   const int64_t blocks = (steps + kStepsPerBlock - 1) / kStepsPerBlock;
   AlignedBuffer apack(static_cast<size_t>(tiles) * kStepsPerBlock * batch * kRows);
   Phases phases(1 + steps + 2 * blocks);
@@ -319,14 +350,19 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
       const int64_t block = std::min(kStepsPerBlock, steps - s0);
       const int64_t k_size = block * batch;
       phases.run(1 + steps + 2 * blk, tiles, [&](int64_t tile) {
-        const int64_t j0 = tile * kRows;
-        const int64_t rows = std::min<int64_t>(kRows, hidden - j0);
+        const bool is_x = tile < x_tiles;
+        const int64_t j0 = (is_x ? tile : tile - x_tiles) * kRows;
+        const int64_t rows = std::min<int64_t>(kRows, (is_x ? features : hidden) - j0);
         float* dst = apack.data + tile * k_size * kRows;
         for (int64_t i = 0; i < block; ++i) {
-          const float* h =
-              state_before(h_init, h_all, s0 + i, steps, reverse, batch * hidden) + j0;
-          for (int64_t b = 0; b < batch; ++b, dst += kRows)
-            for (int64_t r = 0; r < kRows; ++r) dst[r] = r < rows ? h[b * hidden + r] : 0.0f;
+          const int64_t t = s0 + i;
+          for (int64_t b = 0; b < batch; ++b, dst += kRows) {
+            const float* src =
+                is_x ? x + (b * steps + t) * features + j0
+                     : state_before(h_init, h_all, t, steps, reverse, batch * hidden) +
+                           b * hidden + j0;
+            for (int64_t r = 0; r < kRows; ++r) dst[r] = r < rows ? src[r] : 0.0f;
+          }
         }
       });
       phases.run(2 + steps + 2 * blk, panels, [&](int64_t panel) {
@@ -338,10 +374,14 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
             store(zpack.data + k * kPanel + v,
                   load_n(src + v, std::clamp<int64_t>(w - v, 0, kVec)));
         }
-        if (w == kPanel)
-          weight_panel<true>(apack.data, zpack.data, k_size, hidden, gate_cols, dw + n0, w);
-        else
-          weight_panel<false>(apack.data, zpack.data, k_size, hidden, gate_cols, dw + n0, w);
+        const float* h_tiles = apack.data + x_tiles * k_size * kRows;
+        if (w == kPanel) {
+          weight_panel<true>(apack.data, zpack.data, k_size, features, gate_cols, dw_in + n0, w);
+          weight_panel<true>(h_tiles, zpack.data, k_size, hidden, gate_cols, dw + n0, w);
+        } else {
+          weight_panel<false>(apack.data, zpack.data, k_size, features, gate_cols, dw_in + n0, w);
+          weight_panel<false>(h_tiles, zpack.data, k_size, hidden, gate_cols, dw + n0, w);
+        }
       });
     }
   };
@@ -356,7 +396,9 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibLstmForward, LstmForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // projected [T, B, 4H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // projected [T, B, 4H] or empty
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // inputs [B, T, F]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_kernel [F, 4H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // kernel [H, 4H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // bias [4H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c0 [B, H]
@@ -375,12 +417,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibLstmBackward, LstmBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c0 [B, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // hs [T, B, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h0 [B, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // inputs [B, T, F]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ct_hs [T, B, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ct_c (final) [B, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ct_h (final) [B, H]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ct_z [T, B, 4H]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ct_c0 [B, H]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ct_h0 [B, H]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ct_in_kernel [F, 4H]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ct_kernel [H, 4H]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ct_bias [4H]
                                   .Attr<int64_t>("reverse"));
