@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
+from jax.custom_derivatives import SymbolicZero
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -211,35 +212,59 @@ def _backward_call(kernel, in_kernel, gates, cs, c0, hs, h0, inputs, ct_hs, ct_c
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _recurrence(kernel, in_kernel, bias, c0, h0, inputs, projected, reverse):
-    return _recurrence_fwd(kernel, in_kernel, bias, c0, h0, inputs, projected, reverse)[0]
+    hs, cs, _ = _forward_call(kernel, in_kernel, bias, c0, h0, inputs, projected, reverse)
+    return _recurrence_out(hs, cs, (inputs, projected), reverse)
 
 
-def _recurrence_fwd(kernel, in_kernel, bias, c0, h0, inputs, projected, reverse):
-    hs, cs, gates = _forward_call(kernel, in_kernel, bias, c0, h0, inputs, projected, reverse)
-    hs, cs = _vary_as((inputs, projected), hs), _vary_as((inputs, projected), cs)
+def _recurrence_out(hs, cs, data, reverse):
+    hs, cs = _vary_as(data, hs), _vary_as(data, cs)
     last = 0 if reverse else -1
-    residuals = (kernel, in_kernel, c0, h0, inputs, projected.shape, hs, cs, gates)
-    return ((cs[last], hs[last]), hs), residuals
+    return (cs[last], hs[last]), hs
+
+
+# Symbolic zeros (``symbolic_zeros=True``): the backward skips what nobody
+# differentiates: the inputs' gradient dz W_in^T where the inputs are data,
+# and the all-zero cotangent of outputs nobody reads (a classifier reading
+# the last state), which the kernel then neither receives nor reads.
+def _recurrence_fwd(kernel, in_kernel, bias, c0, h0, inputs, projected, reverse):
+    args = [a.value for a in (kernel, in_kernel, bias, c0, h0, inputs, projected)]
+    kernel, in_kernel, bias, c0, h0, x, p = args
+    hs, cs, gates = _forward_call(kernel, in_kernel, bias, c0, h0, x, p, reverse)
+    out = _recurrence_out(hs, cs, (x, p), reverse)
+    residuals = (kernel, in_kernel, c0, h0, x, inputs.perturbed, p.shape,
+                 projected.perturbed, out[1], cs, gates)
+    return out, residuals
 
 
 def _recurrence_bwd(reverse, residuals, cotangents):
-    kernel, in_kernel, c0, h0, inputs, projected_shape, hs, cs, gates = residuals
+    (kernel, in_kernel, c0, h0, inputs, inputs_perturbed, projected_shape,
+     projected_perturbed, hs, cs, gates) = residuals
     (ct_c, ct_h), ct_hs = cotangents
+
+    def dense(ct, like):
+        return jnp.zeros(like.shape, like.dtype) if isinstance(ct, SymbolicZero) else ct
+
+    ct_c, ct_h = dense(ct_c, c0), dense(ct_h, h0)
+    if isinstance(ct_hs, SymbolicZero):
+        ct_hs = jnp.zeros((0,), jnp.float32)
     ct_z, ct_c0, ct_h0, ct_in_kernel, ct_kernel, ct_bias = _backward_call(
         kernel, in_kernel, gates, cs, c0, hs, h0, inputs, ct_hs, ct_c, ct_h, reverse)
-    # The inputs' gradient dz W_in^T (XLA drops it where unused): the product
-    # time major as dz is, then the small [T, B, F] result batch major (a
-    # batch-major product output made XLA transpose all of dz first: +3 ms on
-    # the benchmark's layer).
-    ct_inputs = jnp.swapaxes(jnp.einsum("tbg,fg->tbf", ct_z, in_kernel), 0, 1)
-    ct_projected = ct_z if math.prod(projected_shape) else jnp.zeros(projected_shape, ct_z.dtype)
     # Inside shard_map every argument entered varying (lstm_recurrence), and
     # its cotangent must too; an FFI call's results do not inherit it.
-    return tuple(_vary_as((hs,), g) for g in (
-        ct_kernel, ct_in_kernel, ct_bias, ct_c0, ct_h0, ct_inputs, ct_projected))
+    vary = functools.partial(_vary_as, (hs,))
+    ct_inputs = ct_projected = None
+    if inputs_perturbed:
+        # dz W_in^T: the product time major as dz is, then the small [T, B, F]
+        # result batch major (a batch-major product output made XLA
+        # transpose all of dz first: +3 ms on the benchmark's layer).
+        ct_inputs = vary(jnp.swapaxes(jnp.einsum("tbg,fg->tbf", ct_z, in_kernel), 0, 1))
+    if projected_perturbed:
+        ct_projected = vary(ct_z) if math.prod(projected_shape) else jnp.zeros(projected_shape)
+    return (*(vary(g) for g in (ct_kernel, ct_in_kernel, ct_bias, ct_c0, ct_h0)),
+            ct_inputs, ct_projected)
 
 
-_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd, symbolic_zeros=True)
 
 
 def lstm_recurrence(

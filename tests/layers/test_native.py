@@ -73,6 +73,23 @@ def test_matches_xla_recurrence(native, batch, time, hidden, reverse, features):
     _close(_value_and_grads(fast, params, x, carry), _value_and_grads(plain, params, x, carry))
 
 
+@pytest.mark.parametrize("features", [6, 40])
+def test_gradients_of_what_is_read(native, features):
+    """Gradients where some outputs are unread (their cotangents are symbolic
+    zeros the kernel never receives) and the inputs are data (no inputs
+    gradient is formed): the last state alone, the outputs alone."""
+    x = jax.random.normal(jax.random.key(0), (4, 6, features))
+    cell = LSTMCell(20)
+    fast, plain = RNN(cell), RNN(cell, fused=False)
+    params = fast.init(jax.random.key(1), x)
+    last_state = lambda layer: lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)[0][1]))
+    outputs = lambda layer: lambda p, x: jnp.sum(layer.apply(p, x)[1] ** 3)
+    for loss in (last_state, outputs):
+        for argnums in (0, (0, 1)):
+            got = jax.jit(jax.grad(loss(fast), argnums))(params, x)
+            _close(got, jax.grad(loss(plain), argnums)(params, x))
+
+
 def test_projected_and_inputs_together(native):
     """``lstm_recurrence`` with both halves of the inputs' gates, ``p_t`` and
     ``x_t W_in``, against a ``lax.scan`` of the cell's equations: values and

@@ -232,6 +232,10 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
   const float* gt = gates.typed_data();
   const float* c_all = cs.typed_data();
   const float* c_init = c0.typed_data();
+  // ct_hs is [T, B, H], or empty where the outputs' cotangent is all zeros.
+  const bool has_dh_out = ct_hs.element_count() != 0;
+  if (has_dh_out && ct_hs.element_count() != static_cast<size_t>(steps * batch * hidden))
+    return ffi::Error::InvalidArgument("ct_hs must be [T, B, H] or empty");
   const float* dh_out = ct_hs.typed_data();
   float* dz = ct_z->typed_data();
   float* dc_init = ct_c0->typed_data();
@@ -290,7 +294,7 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
         float* zrow = dz + (t * batch + b) * gate_cols + u0;
         const float* crow = c_all + (t * batch + b) * hidden + u0;
         const float* cprow = c_prev + b * hidden + u0;
-        const float* dhrow = dh_out + (t * batch + b) * hidden + u0;
+        const float* dhrow = has_dh_out ? dh_out + (t * batch + b) * hidden + u0 : nullptr;
         float* dhr = dh_rec.data + b * hidden + u0;
         float* dcr = dc_carry.data + b * hidden + u0;
         for (int64_t u = 0; u < width; u += kVec) {
@@ -298,7 +302,7 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
           const vf i = load_n(grow + u, n), f = load_n(grow + hidden + u, n);
           const vf gg = load_n(grow + 2 * hidden + u, n), o = load_n(grow + 3 * hidden + u, n);
           const vf c = load_n(crow + u, n), cp = load_n(cprow + u, n);
-          const vf dh = load_n(dhrow + u, n) + load_n(dhr + u, n);
+          const vf dh = dhrow ? load_n(dhrow + u, n) + load_n(dhr + u, n) : load_n(dhr + u, n);
           vf dc = load_n(dcr + u, n);
           const vf one = splat(1.0f);
           vf tc = vtanh(c);
@@ -418,7 +422,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibLstmBackward, LstmBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // hs [T, B, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h0 [B, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // inputs [B, T, F]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // ct_hs [T, B, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // ct_hs [T, B, H] or empty
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ct_c (final) [B, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // ct_h (final) [B, H]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // ct_z [T, B, 4H]
