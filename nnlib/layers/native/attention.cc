@@ -316,13 +316,11 @@ void backward(ffi::ThreadPool& pool, const Shapes& sh, View<const float> q, View
               View<float> dq, View<float> dk, View<float> dv, float scale) {
   if (sh.batch * sh.heads == 0) return;
   const int64_t ld = round_up(std::max<int64_t>(sh.tk, 1), kVec);
-  const int64_t ldr = round_up(std::max(sh.d, sh.dv), kVec);
   const int64_t os = sh.heads * sh.dv;  // row stride of out and its cotangent
   SliceRanges ranges(sh, mask, ld);
   Phases phases(2);
   auto job = [&] {
-    AlignedBuffer kt(sh.d * ld), vt(sh.dv * ld), p(sh.tq * ld), dp(sh.tq * ld),
-        res(std::max(sh.tq, sh.tk) * ldr);
+    AlignedBuffer kt(sh.d * ld), vt(sh.dv * ld), p(sh.tq * ld), dp(sh.tq * ld);
     ranges.build(phases, 0);
     phases.run(1, sh.batch * sh.heads, [&](int64_t index) {
       const Task t = task_of(sh, index);
@@ -375,18 +373,14 @@ void backward(ffi::ThreadPool& pool, const Shapes& sh, View<const float> q, View
         std::memset(row + hi, 0, (ld - hi) * sizeof(float));
       }
       // dQ = dS K over each row block's keys; dK = dS^T Q and dV = P^T dO
-      // over each key block's queries.
-      auto put = [&](View<float> dst, int64_t steps, int64_t width) {
-        float* base = dst.at(t.b, steps, t.h, width);
-        for (int64_t i = 0; i < steps; ++i)
-          std::memcpy(base + i * dst.row, res.data + i * ldr, width * sizeof(float));
-      };
-      small_product(sh.tq, dp.data, ld, 1, ktask, k.row, res.data, ldr, rows_span, all(sh.d));
-      put(dq, sh.tq, sh.d);
-      small_product(sh.tk, dp.data, 1, ld, qt, q.row, res.data, ldr, cols_span, all(sh.d));
-      put(dk, sh.tk, sh.d);
-      small_product(sh.tk, p.data, 1, ld, gt, os, res.data, ldr, cols_span, all(sh.dv));
-      put(dv, sh.tk, sh.dv);
+      // over each key block's queries; written in place (every row, whole:
+      // a row with no key or query allowed gets zeros).
+      small_product(sh.tq, dp.data, ld, 1, ktask, k.row, dq.at(t.b, sh.tq, t.h, sh.d), dq.row,
+                    rows_span, all(sh.d));
+      small_product(sh.tk, dp.data, 1, ld, qt, q.row, dk.at(t.b, sh.tk, t.h, sh.d), dk.row,
+                    cols_span, all(sh.d));
+      small_product(sh.tk, p.data, 1, ld, gt, os, dv.at(t.b, sh.tk, t.h, sh.dv), dv.row,
+                    cols_span, all(sh.dv));
     });
   };
   run_job(pool, job);
