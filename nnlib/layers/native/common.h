@@ -262,10 +262,12 @@ class Phases {
         next_(new std::atomic<int64_t>[phases]()),
         done_(new std::atomic<int64_t>[phases]()) {}
 
+  // team: how many threads share the phase (home chunks are split among
+  // ranks below it); by default the job's.
   template <typename F>
-  void run(int64_t phase, int64_t chunks, F&& chunk) {
-    if (chunks <= 64 && tl_team > 1) {
-      const int64_t team = std::min<int64_t>(tl_team, chunks);
+  void run(int64_t phase, int64_t chunks, F&& chunk, int64_t team = tl_team) {
+    if (chunks <= 64 && team > 1) {
+      team = std::min<int64_t>(team, chunks);
       const int64_t home = (tl_rank % team) * chunks / team;
       for (int64_t i = 0; i < chunks; ++i) {
         const int64_t q = (home + i) % chunks;
