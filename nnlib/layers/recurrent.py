@@ -474,8 +474,10 @@ class RNN(nn.Module):
         LSTM does) where it applies: float32, on the CPU, no ``mask``, and the
         kernel built (it compiles on first use with the system's C++
         compiler; ``NNLIB_NATIVE=0`` turns it off). The same math to float
-        rounding; the benchmark's LSTM layer, forward + backward, ~37 -> ~24
-        ms. ``features_first`` does not apply to it. ``False``: always XLA.
+        rounding; the benchmark's LSTM layer (batch 32, 64 steps, input 32,
+        hidden 256), forward + backward on 2 Xeon cores: 34 ms in XLA's loop,
+        15 ms here (PyTorch's oneDNN LSTM: 15). ``features_first`` does not
+        apply to it. ``False``: always XLA.
 
     Shapes: ``inputs: [batch, time, features]``, ``mask: [batch, time]``,
     ``outputs: [batch, time, hidden]``; the carry is the cell's, with
