@@ -46,9 +46,32 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // C[r, 0:w] = sum_{k0 <= k < k1} A[r ars + k aks] B[k ldb + 0:w] for r < R,
 // w <= kCols; B rows may be unaligned, columns past w are neither read nor
 // written.
+template <int R, int V>
+inline void whole_vectors_kernel(const float* a, int64_t ars, int64_t aks, const float* b,
+                                 int64_t ldb, int64_t k0, int64_t k1, float* c, int64_t ldc) {
+  vf acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < V; ++j) acc[r][j] = vf{};
+  for (int64_t k = k0; k < k1; ++k) {
+    vf bv[V];
+    for (int j = 0; j < V; ++j) bv[j] = load(b + k * ldb + j * kVec);
+    for (int r = 0; r < R; ++r) {
+      const vf av = splat(a[r * ars + k * aks]);
+      for (int j = 0; j < V; ++j) acc[r][j] += av * bv[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < V; ++j) store(c + r * ldc + j * kVec, acc[r][j]);
+}
+
 template <int R>
 inline void small_kernel(const float* a, int64_t ars, int64_t aks, const float* b,
                          int64_t ldb, int64_t k0, int64_t k1, float* c, int64_t ldc, int64_t w) {
+  // Whole vectors (every block but a ragged last one) take a loop with
+  // plain loads, its accumulators in registers: with the partial loads'
+  // branch inside the loop the compiler kept them on the stack.
+  if (w == 2 * kVec) return whole_vectors_kernel<R, 2>(a, ars, aks, b, ldb, k0, k1, c, ldc);
+  if (w == kVec) return whole_vectors_kernel<R, 1>(a, ars, aks, b, ldb, k0, k1, c, ldc);
   vf acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vf{};
   const int64_t w0 = std::min<int64_t>(w, kVec), w1 = w - w0;
