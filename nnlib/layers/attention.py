@@ -267,10 +267,12 @@ def dot_product_attention(
         forward and backward in cache, as PyTorch's CPU flash attention;
         float32 only, no weights or dropout; every derivative, forward mode
         included). Alone it is faster than the explicit path (the GPT
-        benchmark's attention, forward + backward: 7.4 -> 4.8 ms; MiniLM's
-        forward: 13.9 -> 6.5 ms), but inside those models it was not: XLA
-        must then write q, k and v out for the call instead of fusing their
-        bias and head split into its own products. ``"auto"`` picks ``"jax"``
+        benchmark's attention, forward + backward: 6.2 -> 2.9 ms; MiniLM's
+        forward: 12.0 -> 5.5 ms, 2-core Xeon), but inside MiniLM's inference
+        it is not (~300 ms either way): XLA must then write q, k and v out
+        for the call instead of fusing their bias and head split into its
+        own products. (The GPT reads them natively from its fused qkv
+        projection, ``GPTConfig.native_attention``.) ``"auto"`` picks ``"jax"``
         whenever it can on accelerators and ``"explicit"`` on CPU, where XLA
         compiles JAX's formulation with a transposing copy of the weights
         (MiniLM inference 714 -> 686 ms). float64 inputs take the explicit
