@@ -90,6 +90,21 @@ def test_gradients_of_what_is_read(native, features):
             _close(got, jax.grad(loss(plain), argnums)(params, x))
 
 
+def test_lstm_gradients_repeat_exactly(native):
+    """The backward's weight gradient is summed by whichever threads are free
+    while the loop runs; its order of summation must not depend on which
+    thread took what: repeated calls give bit-identical gradients. (Summed
+    per thread and merged in arrival order, ~1 call in 10 differed.)"""
+    x = jax.random.normal(jax.random.key(1), (32, 64, 32))
+    layer = RNN(LSTMCell(256))
+    params = layer.init(jax.random.key(0), x)
+    grad = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x)[1] ** 2)))
+    want = jax.tree.leaves(grad(params))
+    for _ in range(60):
+        for a, b in zip(want, jax.tree.leaves(grad(params)), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_projected_and_inputs_together(native):
     """``lstm_recurrence`` with both halves of the inputs' gates, ``p_t`` and
     ``x_t W_in``, against a ``lax.scan`` of the cell's equations: values and

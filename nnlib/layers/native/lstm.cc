@@ -25,7 +25,6 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <mutex>
 
 #include "common.h"
 #include "xla/ffi/api/ffi.h"
@@ -210,6 +209,9 @@ void weight_panel(const float* a, const float* z, int64_t k_size, int64_t hidden
 // packed, 121 with the hidden states read in place.)
 constexpr int64_t kStepsPerBlock = 4;
 
+// Groups of blocks the weight gradient is split into (see LstmBackward).
+constexpr int64_t kWeightGroups = 4;
+
 // ------------------------------------------------------------ backward --
 ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> gates,
                         ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> c0,
@@ -283,17 +285,21 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
   Phases phases(1 + steps);
   // The weight gradients are formed while the loop runs: a block of steps is
   // ready once the loop has passed all its steps (blocks become ready from
-  // the last one back, or from the first with reverse), and threads outside
-  // the loop's team take ready blocks in that order, each summing into its
-  // own accumulators, merged at the end. On two cores one thread runs the
-  // loop and the other the weight gradient: the loop's per-step products
-  // are too small to split without waiting at every step (two threads took
-  // 5.4 ms where one took 7.4 at the benchmark's sizes, the weight gradient
-  // alone 8.0), and the two threads then finish within ~1 ms of each other.
+  // the last one back, or from the first with reverse). The blocks, in that
+  // order, make kWeightGroups groups; a thread outside the loop's team (and
+  // each loop thread once the loop is done) takes the next group, sums its
+  // blocks into its own accumulators as they become ready, and adds them to
+  // dW_in and dW after the group before has been added: every element of
+  // the gradients is summed in the same order whichever thread took which
+  // group, so results repeat exactly. On two cores one thread runs the loop
+  // and the other the weight gradient: the loop's per-step products are too
+  // small to split without waiting at every step (two threads took 5.4 ms
+  // where one took 7.4 at the benchmark's sizes, the weight gradient alone
+  // 8.0), and the two threads then finish within ~1 ms of each other.
+  const int64_t groups = std::min(kWeightGroups, blocks);
   std::atomic<int64_t> processed{0};  // steps whose dz is final
-  std::atomic<int64_t> next_block{0};
-  std::atomic<int64_t> dw_active{0};
-  std::mutex merge;
+  std::atomic<int64_t> next_group{0};
+  std::atomic<int64_t> merged{0};  // groups added to dW_in and dW
   auto block_at = [&](int64_t i) { return reverse ? i : blocks - 1 - i; };
   auto ready = [&](int64_t j) {
     const int64_t need = reverse ? std::min((j + 1) * kStepsPerBlock, steps)
@@ -418,28 +424,29 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
         }
       }
     };
-    // Ready blocks, claimed in the order they become ready, into this
-    // thread's accumulators, added to dW_in and dW at the end.
+    // Groups of ready blocks (see above), each summed into this thread's
+    // accumulators and added in group order.
     auto weight_gradient = [&] {
-      dw_active.fetch_add(1);
       std::unique_ptr<AlignedBuffer> acc, apack, zpack;
+      const int64_t n_in = features * gate_cols, n = hidden * gate_cols;
       for (;;) {
-        const int64_t i = next_block.fetch_add(1);
-        if (i >= blocks) break;
-        const int64_t j = block_at(i);
-        while (!ready(j)) cpu_relax();
+        const int64_t g = next_group.fetch_add(1);
+        if (g >= groups) break;
         if (!acc) {
-          acc = std::make_unique<AlignedBuffer>(static_cast<size_t>(features + hidden) * gate_cols);
+          acc = std::make_unique<AlignedBuffer>(static_cast<size_t>(n_in + n));
           apack = std::make_unique<AlignedBuffer>(static_cast<size_t>(tiles) * kStepsPerBlock *
                                                   batch * kRows);
           zpack = std::make_unique<AlignedBuffer>(static_cast<size_t>(kStepsPerBlock) * batch *
                                                   kPanel);
+        } else {
+          std::memset(acc->data, 0, (n_in + n) * sizeof(float));
         }
-        weight_block(j, acc->data, acc->data + features * gate_cols, apack->data, zpack->data);
-      }
-      if (acc) {
-        std::lock_guard<std::mutex> lock(merge);
-        const int64_t n_in = features * gate_cols, n = hidden * gate_cols;
+        for (int64_t i = g * blocks / groups; i < (g + 1) * blocks / groups; ++i) {
+          const int64_t j = block_at(i);
+          while (!ready(j)) cpu_relax();
+          weight_block(j, acc->data, acc->data + n_in, apack->data, zpack->data);
+        }
+        while (merged.load(std::memory_order_acquire) != g) cpu_relax();
         for (int64_t i = 0; i < n_in; i += kVec) {
           const int64_t m = std::min<int64_t>(kVec, n_in - i);
           store_n(dw_in + i, load_n(dw_in + i, m) + load_n(acc->data + i, m), m);
@@ -448,13 +455,13 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
           const int64_t m = std::min<int64_t>(kVec, n - i);
           store_n(dw + i, load_n(dw + i, m) + load_n(acc->data + n_in + i, m), m);
         }
+        merged.store(g + 1, std::memory_order_release);
       }
-      dw_active.fetch_sub(1);
     };
     if (in_loop) loop();
     weight_gradient();
     if (tl_rank == 0)
-      while (dw_active.load() != 0) cpu_relax();
+      while (merged.load(std::memory_order_acquire) != groups) cpu_relax();
   };
   run_job(pool, job);
   std::memcpy(dc_init, dc_carry.data, batch * hidden * sizeof(float));
