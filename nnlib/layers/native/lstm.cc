@@ -6,20 +6,26 @@
 // oneDNN LSTM and cuDNN do: the whole loop, its products and its gates, in one
 // call, with the recurrent weights laid out once per call for the product,
 // the gates computed while the product's output is still in cache, and the
-// CPU's cores splitting every step by hidden unit.
-// The inputs' projection and its gradients stay in XLA.
+// CPU's cores splitting every step by hidden unit. Narrow inputs are
+// projected in the loop too (x_t W_in with the recurrent product, no
+// [T, B, 4H] array of projections written and read back); wider ones come
+// projected by XLA (p_t). The backward forms the weight gradients on the
+// threads the loop does not need, while it runs.
 //
 // Math (gate order i, f, g, o, as nnlib.layers.LSTMCell and PyTorch):
-//   z_t = p_t + b + h_{t-1} W           p_t: projected inputs, W: [H, 4H]
+//   z_t = p_t + x_t W_in + b + h_{t-1} W    W_in: [F, 4H], W: [H, 4H]
 //   i, f, o = sigmoid(z_i, z_f, z_o);  g = tanh(z_g)
 //   c_t = f c_{t-1} + i g;              h_t = o tanh(c_t)
-// The bias b is added here, not to p beforehand: a whole pass over p less.
+// The bias b is added here, not to p beforehand: a whole pass less.
 // The backward call returns dz_t (the gradient of z_t, which is also that of
-// p_t) for every step, the gradients of the initial state, and the weight
-// and bias gradients dW = sum_t h_{t-1}^T dz_t (a phase after the loop, in
-// blocks of steps) and db = sum_t,b dz_t (summed in the loop).
+// p_t; the inputs' gradient is dz W_in^T, left to XLA) for every step, the
+// gradients of the initial state, and the weight and bias gradients
+// dW_in = sum_t x_t^T dz_t, dW = sum_t h_{t-1}^T dz_t (in blocks of steps,
+// formed as the loop finishes them) and db = sum_t,b dz_t (summed in the
+// loop). Every sum is taken in an order that does not depend on the threads.
 //
-// Everything is float32 and batch first: p, dz, gates [T, B, 4H]; h, c [T, B, H].
+// Float32. x [B, T, F] batch first as RNN takes it; p, dz, gates [T, B, 4H]
+// and h, c [T, B, H] time first.
 
 #include <algorithm>
 #include <cstdint>
