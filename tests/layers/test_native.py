@@ -11,11 +11,13 @@ the 16- or 64-unit panels, batches that are not a multiple of the 6-row block).
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 
 import jax
 import jax.numpy as jnp
@@ -197,6 +199,19 @@ def test_build_failures_are_reported(tmp_path):
     library, why = _native.build(cxx="false", cache_dir=tmp_path)
     assert library is None and "failed" in why
     assert list(tmp_path.iterdir()) == []  # no partial library left behind
+
+
+def test_the_package_ships_every_source():
+    """An installed (non-editable) nnlib builds the kernels from the files its
+    package data lists: every source and header the build reads must match
+    it (the header was once left out of wheels)."""
+    root = _native.NATIVE_DIR.parents[2]
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["nnlib.layers"]
+    layers = _native.NATIVE_DIR.parent
+    for path in (*_native.SOURCES, *_native.HEADERS):
+        relative = path.relative_to(layers).as_posix()
+        assert any(fnmatch.fnmatch(relative, p) for p in patterns), relative
 
 
 def test_build_is_cached(native, tmp_path):
