@@ -262,7 +262,7 @@ def _recurrence_bwd(reverse, residuals, cotangents):
         # transpose all of dz first: +3 ms on the benchmark's layer).
         ct_inputs = vary(jnp.swapaxes(jnp.einsum("tbg,fg->tbf", ct_z, in_kernel), 0, 1))
     if projected_perturbed:
-        ct_projected = vary(ct_z) if math.prod(projected_shape) else jnp.zeros(projected_shape)
+        ct_projected = vary(ct_z if math.prod(projected_shape) else jnp.zeros(projected_shape))
     return (*(vary(g) for g in (ct_kernel, ct_in_kernel, ct_bias, ct_c0, ct_h0)),
             ct_inputs, ct_projected)
 
