@@ -453,12 +453,16 @@ def _varying_like(base: Any, avals: Any) -> Any:
     return out
 
 
+def _cast_varying(x: Array, axes: frozenset) -> Array:
+    """``x`` typed as varying over ``axes`` too (the identity where it already is)."""
+    missing = tuple(sorted(axes - _varying_axes(jax.typeof(x))))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def _vary_as(inputs: Any, x: Array) -> Array:
     """``x`` typed as varying over the ``shard_map`` axes ``inputs`` vary over
     (an FFI call's results do not inherit them); the identity elsewhere."""
-    axes = frozenset().union(*(_varying_axes(jax.typeof(a)) for a in inputs))
-    missing = tuple(sorted(axes - _varying_axes(jax.typeof(x))))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
+    return _cast_varying(x, frozenset().union(*(_varying_axes(jax.typeof(a)) for a in inputs)))
 
 
 def _summed_like(aval: Any, g: Array) -> Array:
@@ -467,8 +471,7 @@ def _summed_like(aval: Any, g: Array) -> Array:
     weight's gradient from per-device data), cast to those ``aval`` varies over."""
     extra = tuple(sorted(_varying_axes(jax.typeof(g)) - _varying_axes(aval)))
     g = jax.lax.psum(g, extra) if extra else g
-    missing = tuple(sorted(_varying_axes(aval) - _varying_axes(jax.typeof(g))))
-    return jax.lax.pcast(g, missing, to="varying") if missing else g
+    return _cast_varying(g, _varying_axes(aval))
 
 
 def _varying_axes(aval: Any) -> frozenset:

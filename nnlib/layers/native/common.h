@@ -266,6 +266,10 @@ class Phases {
   // ranks below it); by default the job's.
   template <typename F>
   void run(int64_t phase, int64_t chunks, F&& chunk, int64_t team = tl_team) {
+    auto run_chunk = [&](int64_t q) {
+      chunk(q);
+      done_[phase].fetch_add(1, std::memory_order_release);
+    };
     if (chunks <= 64 && team > 1) {
       team = std::min<int64_t>(team, chunks);
       const int64_t home = (tl_rank % team) * chunks / team;
@@ -274,16 +278,11 @@ class Phases {
         const uint64_t bit = uint64_t{1} << q;
         if (claimed_[phase].load(std::memory_order_relaxed) & bit) continue;
         if (claimed_[phase].fetch_or(bit, std::memory_order_relaxed) & bit) continue;
-        chunk(q);
-        done_[phase].fetch_add(1, std::memory_order_release);
+        run_chunk(q);
       }
     } else {
-      for (;;) {
-        const int64_t q = next_[phase].fetch_add(1, std::memory_order_relaxed);
-        if (q >= chunks) break;
-        chunk(q);
-        done_[phase].fetch_add(1, std::memory_order_release);
-      }
+      for (int64_t q; (q = next_[phase].fetch_add(1, std::memory_order_relaxed)) < chunks;)
+        run_chunk(q);
     }
     while (done_[phase].load(std::memory_order_acquire) < chunks) cpu_relax();
   }

@@ -193,11 +193,11 @@ inline void weight_tile(const float* a, const float* z, int64_t k_size, int64_t 
 // Every tile of one panel's column of dW over one block (A packed tile after
 // tile, [tiles, k_size, kRows]).
 template <bool kFull>
-void weight_panel(const float* a, const float* z, int64_t k_size, int64_t hidden, int64_t ldc,
+void weight_panel(const float* a, const float* z, int64_t k_size, int64_t rows, int64_t ldc,
                   float* dw, int64_t w) {
-  for (int64_t j = 0; j < hidden; j += kRows, a += k_size * kRows) {
+  for (int64_t j = 0; j < rows; j += kRows, a += k_size * kRows) {
     float* c = dw + j * ldc;
-    switch (std::min<int64_t>(kRows, hidden - j)) {
+    switch (std::min<int64_t>(kRows, rows - j)) {
       case kRows: weight_tile<kRows, kFull>(a, z, k_size, ldc, c, w); break;
       case 5: weight_tile<5, kFull>(a, z, k_size, ldc, c, w); break;
       case 4: weight_tile<4, kFull>(a, z, k_size, ldc, c, w); break;
@@ -217,6 +217,14 @@ constexpr int64_t kStepsPerBlock = 4;
 
 // Groups of blocks the weight gradient is split into (see LstmBackward).
 constexpr int64_t kWeightGroups = 4;
+
+// dst[0:n] += src[0:n].
+inline void add_into(float* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; i += kVec) {
+    const int64_t m = std::min<int64_t>(kVec, n - i);
+    store_n(dst + i, load_n(dst + i, m) + load_n(src + i, m), m);
+  }
+}
 
 // ------------------------------------------------------------ backward --
 ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> gates,
@@ -370,24 +378,24 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
     };
     auto time_of = [&](int64_t s) { return reverse ? s : steps - 1 - s; };  // backward through time
     auto loop = [&] {
-    phases.run(0, chunks, [&](int64_t q) { gates_backward(time_of(0), q); }, loop_team);
-    mark_processed(1);
-    for (int64_t s = 0; s < steps; ++s) {
-      // Every unit's dz_t is written: dh_{t-1} = dz_t W^T by units, then
-      // (the same units' dh is all it needs) the gates' backward at t - 1.
-      const float* zt = dz + time_of(s) * batch * gate_cols;
-      phases.run(1 + s, chunks, [&](int64_t q) {
-        const int64_t u0 = q * kPanel;
-        const int64_t width = std::min<int64_t>(kPanel, hidden - u0);
-        panel_product(zt, gate_cols, batch, packed.data + q * gate_cols * kPanel, gate_cols,
-                      out.data);
-        for (int64_t b = 0; b < batch; ++b)
-          std::memcpy(dh_rec.data + b * hidden + u0, out.data + b * kPanel,
-                      width * sizeof(float));
-        if (s + 1 < steps) gates_backward(time_of(s + 1), q);
-      }, loop_team);
-      mark_processed(std::min(s + 2, steps));
-    }
+      phases.run(0, chunks, [&](int64_t q) { gates_backward(time_of(0), q); }, loop_team);
+      mark_processed(1);
+      for (int64_t s = 0; s < steps; ++s) {
+        // Every unit's dz_t is written: dh_{t-1} = dz_t W^T by units, then
+        // (the same units' dh is all it needs) the gates' backward at t - 1.
+        const float* zt = dz + time_of(s) * batch * gate_cols;
+        phases.run(1 + s, chunks, [&](int64_t q) {
+          const int64_t u0 = q * kPanel;
+          const int64_t width = std::min<int64_t>(kPanel, hidden - u0);
+          panel_product(zt, gate_cols, batch, packed.data + q * gate_cols * kPanel, gate_cols,
+                        out.data);
+          for (int64_t b = 0; b < batch; ++b)
+            std::memcpy(dh_rec.data + b * hidden + u0, out.data + b * kPanel,
+                        width * sizeof(float));
+          if (s + 1 < steps) gates_backward(time_of(s + 1), q);
+        }, loop_team);
+        mark_processed(std::min(s + 2, steps));
+      }
     };
     // dW = sum_t h_{t-1}^T dz_t (and dW_in = sum_t x_t^T dz_t), block j of
     // steps into acc: the block's inputs and hidden states packed into tiles
@@ -453,14 +461,8 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
           weight_block(j, acc->data, acc->data + n_in, apack->data, zpack->data);
         }
         while (merged.load(std::memory_order_acquire) != g) cpu_relax();
-        for (int64_t i = 0; i < n_in; i += kVec) {
-          const int64_t m = std::min<int64_t>(kVec, n_in - i);
-          store_n(dw_in + i, load_n(dw_in + i, m) + load_n(acc->data + i, m), m);
-        }
-        for (int64_t i = 0; i < n; i += kVec) {
-          const int64_t m = std::min<int64_t>(kVec, n - i);
-          store_n(dw + i, load_n(dw + i, m) + load_n(acc->data + n_in + i, m), m);
-        }
+        add_into(dw_in, acc->data, n_in);
+        add_into(dw, acc->data + n_in, n);
         merged.store(g + 1, std::memory_order_release);
       }
     };
