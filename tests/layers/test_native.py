@@ -146,6 +146,8 @@ def test_projected_and_inputs_together(native):
     _close(loss(native_call)(*args), loss(reference)(*args))
     with pytest.raises(ValueError, match="together"):
         _native.lstm_recurrence(kernel, carry, projected, inputs=inputs)
+    with pytest.raises(ValueError, match="give projected, or inputs"):
+        _native.lstm_recurrence(kernel, carry)
 
 
 def test_runs_the_native_call(native):
