@@ -14,7 +14,13 @@ kw]``; ``weight.permute(2, 3, 1, 0)`` gives nnlib's kernel.
 The convolution is ``jax.lax.conv_general_dilated`` called directly, as a
 cross-correlation (the kernel is not flipped, as in every deep learning
 library). Lowering it to patches + matmul ("im2col") was measured 4x slower on
-CPU, so XLA's convolution is used as is.
+CPU, so XLA's convolution is used as is, forward and for the input's
+gradient. The kernel's gradient of a stride-1 convolution over 16k input
+channels is nnlib's native kernel on the CPU (``native``, default on):
+XLA:CPU forms it as a convolution over the batch after transposing the input
+and the output gradient, 6.5-7.0 ms for the benchmark CNN's second layer
+(batch 128, 14x14, 32 -> 64 channels), the native product over pixels
+4.2-4.4 ms (``experiments/bench/NOTES.md``).
 
 Options, per spatial axis (an int means the same on every axis):
 
@@ -36,11 +42,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
 from nnlib.layers._checks import ShapeError, check_input, param_shape
+from nnlib.layers._native import conv as native_conv
+from nnlib.layers._native import conv_applies as _native_conv_applies
 from nnlib.layers.activations import get_activation
 from nnlib.layers.normalization import BatchNorm, Dropout, LayerNorm
 from nnlib.layers.pooling import (
@@ -75,6 +84,15 @@ def _check_conv_input(
         )
 
 
+def native_conv_applies(x: Any, kernel: Any, pads: Any, spatial_axes: int) -> bool:
+    """Whether a stride-1, undilated, single-group convolution over
+    ``spatial_axes`` (1 or 2) takes the native kernel-gradient path."""
+    if spatial_axes == 1:  # shapes only: a [B, 1, W, C] input, padded by rows of nothing
+        x = jax.ShapeDtypeStruct((x.shape[0], 1, *x.shape[1:]), x.dtype)
+        pads = ((0, 0), *pads)
+    return spatial_axes in (1, 2) and _native_conv_applies(x, kernel, pads)
+
+
 class _Conv(nn.Module):
     """Shared body of ``Conv1D`` and ``Conv2D``; see their docstrings."""
 
@@ -89,6 +107,7 @@ class _Conv(nn.Module):
     bias_init: Initializer = nn.initializers.zeros
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    native: bool = True
 
     # Fixed per subclass: error-message name, layout, and lax dimension numbers.
     _layer: ClassVar[str]
@@ -131,15 +150,24 @@ class _Conv(nn.Module):
             self.param_dtype,
         )  # [*kernel_size, C / groups, F]
         dtype = self.dtype or x.dtype
-        y = lax.conv_general_dilated(
-            x.astype(dtype),
-            kernel.astype(dtype),
-            window_strides=strides,
-            padding=pads,
-            rhs_dilation=dilation,
-            dimension_numbers=self._dimension_numbers,
-            feature_group_count=self.groups,
-        )  # [B, *out_spatial, F]
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        if (self.native and self.groups == 1 and set(strides) == {1} and set(dilation) == {1}
+                and native_conv_applies(x, kernel, pads, n)):
+            # As a 2-D convolution (a 1-D one over rows of height 1).
+            lift = (lambda a: a) if n == 2 else (lambda a: a[:, None])
+            pads2 = tuple(pads) if n == 2 else ((0, 0), tuple(pads[0]))
+            y = native_conv(lift(x), kernel if n == 2 else kernel[None], pads2)
+            y = y if n == 2 else y[:, 0]  # [B, *out_spatial, F]
+        else:
+            y = lax.conv_general_dilated(
+                x,
+                kernel,
+                window_strides=strides,
+                padding=pads,
+                rhs_dilation=dilation,
+                dimension_numbers=self._dimension_numbers,
+                feature_group_count=self.groups,
+            )  # [B, *out_spatial, F]
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             y = y + bias.astype(dtype)
@@ -160,6 +188,10 @@ class Conv1D(_Conv):
       kernel_init, bias_init: initializers (LeCun normal, zeros).
       dtype: computation dtype; ``None`` keeps the input's.
       param_dtype: storage dtype of the parameters.
+      native: on the CPU in float32, for a stride-1, undilated, single-group
+        convolution with input channels a multiple of 16, form the kernel's
+        gradient in nnlib's native kernel (``nnlib.layers._native.conv``; the
+        convolution itself and the input's gradient stay XLA's).
 
     Shapes (B batch, W width, C channels, F features)::
 
@@ -193,6 +225,10 @@ class Conv2D(_Conv):
       kernel_init, bias_init: initializers (LeCun normal, zeros).
       dtype: computation dtype; ``None`` keeps the input's.
       param_dtype: storage dtype of the parameters.
+      native: on the CPU in float32, for a stride-1, undilated, single-group
+        convolution with input channels a multiple of 16, form the kernel's
+        gradient in nnlib's native kernel (``nnlib.layers._native.conv``; the
+        convolution itself and the input's gradient stay XLA's).
 
     Shapes (B batch, H height, W width, C channels, F features)::
 

@@ -26,6 +26,7 @@ import pytest
 
 from nnlib.layers import _native
 from nnlib.layers.attention import causal_mask, dot_product_attention
+from nnlib.layers.conv import Conv1D, Conv2D
 from nnlib.layers.recurrent import RNN, Bidirectional, LSTMCell
 
 HAS_COMPILER = shutil.which("c++") is not None
@@ -425,7 +426,7 @@ def test_layer_norm_native_only_where_it_applies(native):
 _SHARD_MAP_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from nnlib.layers import _native
-    from nnlib.models import RNNClassifier
+    from nnlib.models import CNN, RNNClassifier
     from nnlib.models.gpt import GPT, GPTConfig
     from nnlib.train import TrainState, make_optimizer, make_train_step
     from nnlib.train import parallel as par
@@ -440,9 +441,12 @@ _SHARD_MAP_SCRIPT = textwrap.dedent("""
         "gpt": (GPT(GPTConfig(vocab_size=11, context_length=6, num_layers=1, num_heads=2,
                               embed_dim=8)),
                 rng.integers(0, 11, size=(4, 6)).astype(np.int32), 11),
+        # The second convolution's kernel gradient (16 input channels).
+        "cnn": (CNN(features=(16, 16), hidden_sizes=(8,), num_classes=3),
+                rng.normal(size=(4, 8, 8, 1)).astype(np.float32), 3),
     }
     for name, (model, inputs, classes) in cases.items():
-        labels = rng.integers(0, classes, size=inputs.shape[:1 if name == "lstm" else 2])
+        labels = rng.integers(0, classes, size=inputs.shape[:2 if name == "gpt" else 1])
         batch = {"inputs": inputs, "labels": labels.astype(np.int32)}
         state = TrainState.create(model=model, tx=make_optimizer("sgd", 0.1),
                                   key=jax.random.key(0), example_input=inputs[:1])
@@ -458,8 +462,8 @@ _SHARD_MAP_SCRIPT = textwrap.dedent("""
 
 
 def test_kernels_under_shard_map(native):
-    """A data-parallel ``shard_map`` train step of an LSTM and of a GPT (every
-    kernel, with replicated weights and per-device data) equals one device's."""
+    """A data-parallel ``shard_map`` train step of an LSTM, a GPT and a CNN
+    (every kernel, with replicated weights and per-device data) equals one device's."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     result = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT], env=env,
@@ -481,3 +485,100 @@ def test_saturated_gates_stay_finite(native):
     out = dot_product_attention(1e3 * q, k, v, causal_mask(5, 7), implementation="native")
     ref = dot_product_attention(1e3 * q, k, v, causal_mask(5, 7), implementation="explicit")
     _close(out, ref, 2e-5)
+
+
+# --------------------------------------------------------------------------- #
+# The convolution's kernel gradient.
+# --------------------------------------------------------------------------- #
+
+
+def _conv_reference(x, kernel, padding):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("shape, kernel, padding", [
+    ((128, 14, 14, 32), (3, 3, 32, 64), ((1, 1), (1, 1))),  # the benchmark's, 196 pixels
+    ((2, 30, 11, 16), (3, 2, 16, 70), ((0, 2), (1, 0))),  # 330 pixels: two blocks
+    ((3, 6, 6, 48), (1, 1, 48, 130), ((0, 0), (0, 0))),  # 1x1: rows 48, 3 panels
+    ((5, 8, 8, 32), (5, 5, 32, 9), ((2, 2), (2, 2))),  # 800 rows, 9 features
+    ((1, 4, 5, 16), (3, 3, 16, 5), ((3, 0), (0, 4))),  # padding beyond the kernel's reach
+])
+def test_conv_weight_gradient_matches_xla(native, shape, kernel, padding):
+    """``dW`` against XLA's transpose of the convolution, and bit-identical
+    when repeated (fixed groups of images summed in order)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    out_shape = jax.eval_shape(lambda x, k: _conv_reference(x, k, padding), x,
+                               jax.ShapeDtypeStruct(kernel, jnp.float32)).shape
+    dy = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+    want = jax.linear_transpose(lambda k: _conv_reference(x, k, padding),
+                                jax.ShapeDtypeStruct(kernel, jnp.float32))(dy)[0]
+    native_dw = jax.jit(lambda x, dy: _native.conv_weight_gradient(x, dy, kernel, padding))
+    got = native_dw(x, dy)
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5 * scale, rtol=0)
+    np.testing.assert_array_equal(np.asarray(native_dw(x, dy)), np.asarray(got))
+
+
+def test_conv_every_derivative(native):
+    """Values and gradients equal XLA's; forward mode and second order by
+    finite differences; per-example (vmap over data) and ensemble (vmap over
+    kernels) gradients."""
+    from jax.test_util import check_grads
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((3, 7, 6, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 2, 16, 5)) * 0.2, jnp.float32)
+    padding = ((1, 1), (0, 1))
+
+    def f(x, w):
+        return _native.conv(x, w, padding)
+
+    def r(x, w):
+        return _conv_reference(x, w, padding)
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+
+    _close(f(x, w), r(x, w), tol=1e-5)
+    _close(jax.grad(loss(f), (0, 1))(x, w), jax.grad(loss(r), (0, 1))(x, w), tol=1e-5)
+    assert "nnlib_conv_weight_gradient" in str(jax.make_jaxpr(jax.grad(loss(f), 1))(x, w))
+    check_grads(f, (x, w), order=2, modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)
+    per_example = jax.vmap(jax.grad(lambda w, xi: loss(f)(xi[None], w)), (None, 0))
+    per_example_ref = jax.vmap(jax.grad(lambda w, xi: loss(r)(xi[None], w)), (None, 0))
+    _close(per_example(w, x), per_example_ref(w, x), tol=1e-5)
+    ensemble = jnp.stack([w, 2 * w])
+    _close(jax.vmap(jax.grad(loss(f), 1), (None, 0))(x, ensemble),
+           jax.vmap(jax.grad(loss(r), 1), (None, 0))(x, ensemble), tol=1e-5)
+
+
+def test_conv_layers_take_the_native_gradient_where_it_applies(native):
+    """``Conv2D``/``Conv1D`` with 16k input channels, stride 1: the kernel's
+    gradient is the native call and equals ``native=False``'s; strided,
+    dilated, grouped, 3-channel and bfloat16 convolutions stay XLA's."""
+    rng = np.random.default_rng(2)
+
+    def grads(layer, x):
+        params = layer.init(jax.random.key(0), x)
+
+        def loss(params):
+            return jnp.sum(jnp.cos(layer.apply(params, x)))
+
+        return params, jax.grad(loss)(params), str(jax.make_jaxpr(jax.grad(loss))(params))
+
+    x2 = jnp.asarray(rng.standard_normal((2, 9, 7, 16)), jnp.float32)
+    x1 = jnp.asarray(rng.standard_normal((3, 11, 32)), jnp.float32)
+    x3 = jnp.asarray(rng.standard_normal((2, 9, 7, 3)), jnp.float32)
+    for make, x in ((lambda **k: Conv2D(8, 3, **k), x2),
+                    (lambda **k: Conv2D(8, (3, 1), padding=((2, 0), (0, 0)), **k), x2),
+                    (lambda **k: Conv1D(5, 4, padding="SAME", **k), x1)):
+        _, got, program = grads(make(), x)
+        assert "nnlib_conv_weight_gradient" in program
+        _, want, plain = grads(make(native=False), x)
+        assert "nnlib_" not in plain
+        _close(got, want, tol=1e-5)
+    for layer, x in ((Conv2D(8, 3, strides=2), x2), (Conv2D(8, 3, dilation=2), x2),
+                     (Conv2D(8, 3, groups=2), x2), (Conv2D(8, 3), x3),
+                     (Conv2D(8, 3), x2.astype(jnp.bfloat16))):
+        assert "nnlib_" not in grads(layer, x)[2]

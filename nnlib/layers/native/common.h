@@ -8,6 +8,7 @@
 #ifndef NNLIB_NATIVE_COMMON_H_
 #define NNLIB_NATIVE_COMMON_H_
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -71,6 +72,13 @@ inline void store_n(float* p, vf v, int64_t n) {
   alignas(64) float tmp[kVec];
   store(tmp, v);
   std::memcpy(p, tmp, n * sizeof(float));
+}
+// dst[0:n] += src[0:n].
+inline void add_into(float* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; i += kVec) {
+    const int64_t m = std::min<int64_t>(kVec, n - i);
+    store_n(dst + i, load_n(dst + i, m) + load_n(src + i, m), m);
+  }
 }
 inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
@@ -176,6 +184,63 @@ inline void panel_product(const float* a, int64_t lda, int64_t rows, const float
     rows_product<true>(a, lda, rows, bp, k_size, c);
   else
     rows_product<false>(a, lda, rows, bp, k_size, c);
+}
+
+// C[0:R, 0:w] (+)= sum_k A[0:R, k] B[k, 0:kPanel]: A read as a[k lda + r]
+// (kAByK: a packed tile [K, kRows] with lda = kRows, or a transposed matrix)
+// or as a[r lda + k] (a row-major matrix in place); B as b[k ldb + j]
+// (a packed panel [K, kPanel] with ldb = kPanel, or a row-major matrix in
+// place, whole panels only); C with row stride ldc. kLoad adds to C (else
+// overwrites it); kFull: w = kPanel, else the columns from w on are neither
+// read nor written. The tile stays in registers over all of K.
+template <int R, bool kLoad, bool kFull, bool kAByK>
+inline void tile_product(const float* a, int64_t lda, const float* b, int64_t ldb,
+                         int64_t k_size, float* c, int64_t ldc, int64_t w) {
+  vf acc[R][kPanelVecs];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kPanelVecs; ++v)
+      acc[r][v] = !kLoad ? vf{}
+                  : kFull ? load(c + r * ldc + v * kVec)
+                          : load_n(c + r * ldc + v * kVec,
+                                   std::clamp<int64_t>(w - v * kVec, 0, kVec));
+  for (int64_t k = 0; k < k_size; ++k, b += ldb) {
+    vf bv[kPanelVecs];
+    for (int v = 0; v < kPanelVecs; ++v) bv[v] = load(b + v * kVec);
+    for (int r = 0; r < R; ++r) {
+      const vf av = splat(kAByK ? a[k * lda + r] : a[r * lda + k]);
+      for (int v = 0; v < kPanelVecs; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kPanelVecs; ++v) {
+      if (kFull) {
+        store(c + r * ldc + v * kVec, acc[r][v]);
+      } else {
+        const int64_t n = std::clamp<int64_t>(w - v * kVec, 0, kVec);
+        if (n > 0) store_n(c + r * ldc + v * kVec, acc[r][v], n);
+      }
+    }
+}
+
+// tile_product over `rows` rows of A, kRows at a time, against one panel of
+// B: C[0:rows, 0:w] (+)= A B. Row tiles of A are `tile_stride` floats apart
+// (kRows lda for a row-major A, kRows for a transposed one, K kRows for
+// packed tiles).
+template <bool kLoad, bool kFull, bool kAByK>
+void tiles_product(const float* a, int64_t lda, int64_t tile_stride, const float* b,
+                   int64_t ldb, int64_t k_size, int64_t rows, float* c, int64_t ldc, int64_t w) {
+  for (int64_t j = 0; j < rows; j += kRows, a += tile_stride, c += kRows * ldc) {
+    switch (std::min<int64_t>(kRows, rows - j)) {
+#define NNLIB_TILE(R) tile_product<R, kLoad, kFull, kAByK>(a, lda, b, ldb, k_size, c, ldc, w)
+      case kRows: NNLIB_TILE(kRows); break;
+      case 5: NNLIB_TILE(5); break;
+      case 4: NNLIB_TILE(4); break;
+      case 3: NNLIB_TILE(3); break;
+      case 2: NNLIB_TILE(2); break;
+      default: NNLIB_TILE(1); break;
+#undef NNLIB_TILE
+    }
+  }
 }
 
 struct AlignedBuffer {

@@ -158,55 +158,9 @@ ffi::Error LstmForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> projected,
 
 // ------------------------------------------------------- weight gradient --
 // dW[j0:j0+R, panel] += sum_k A[k, 0:R] Z[k, panel] over the K = steps x batch
-// rows of a block of steps, both operands packed contiguously: A[k, r] =
-// h_prev[k, j0 + r] (a tile of R hidden units), Z the block's dz rows, this
-// panel's kPanel columns (zero past the last). The tile stays in registers
-// over the block.
-template <int R, bool kFull>
-inline void weight_tile(const float* a, const float* z, int64_t k_size, int64_t ldc, float* c,
-                        int64_t w) {
-  vf acc[R][kPanelVecs];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < kPanelVecs; ++v)
-      acc[r][v] = kFull ? load(c + r * ldc + v * kVec)
-                        : load_n(c + r * ldc + v * kVec,
-                                 std::clamp<int64_t>(w - v * kVec, 0, kVec));
-  for (int64_t k = 0; k < k_size; ++k, a += kRows, z += kPanel) {
-    vf zv[kPanelVecs];
-    for (int v = 0; v < kPanelVecs; ++v) zv[v] = *reinterpret_cast<const vf*>(z + v * kVec);
-    for (int r = 0; r < R; ++r) {
-      const vf av = splat(a[r]);
-      for (int v = 0; v < kPanelVecs; ++v) acc[r][v] += av * zv[v];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < kPanelVecs; ++v) {
-      if (kFull) {
-        store(c + r * ldc + v * kVec, acc[r][v]);
-      } else {
-        const int64_t n = std::clamp<int64_t>(w - v * kVec, 0, kVec);
-        if (n > 0) store_n(c + r * ldc + v * kVec, acc[r][v], n);
-      }
-    }
-}
-
-// Every tile of one panel's column of dW over one block (A packed tile after
-// tile, [tiles, k_size, kRows]).
-template <bool kFull>
-void weight_panel(const float* a, const float* z, int64_t k_size, int64_t rows, int64_t ldc,
-                  float* dw, int64_t w) {
-  for (int64_t j = 0; j < rows; j += kRows, a += k_size * kRows) {
-    float* c = dw + j * ldc;
-    switch (std::min<int64_t>(kRows, rows - j)) {
-      case kRows: weight_tile<kRows, kFull>(a, z, k_size, ldc, c, w); break;
-      case 5: weight_tile<5, kFull>(a, z, k_size, ldc, c, w); break;
-      case 4: weight_tile<4, kFull>(a, z, k_size, ldc, c, w); break;
-      case 3: weight_tile<3, kFull>(a, z, k_size, ldc, c, w); break;
-      case 2: weight_tile<2, kFull>(a, z, k_size, ldc, c, w); break;
-      default: weight_tile<1, kFull>(a, z, k_size, ldc, c, w); break;
-    }
-  }
-}
+// rows of a block of steps, both operands packed contiguously (tiles_product):
+// A[k, r] = h_prev[k, j0 + r] (a tile of R hidden units), Z the block's dz
+// rows, this panel's kPanel columns (zero past the last).
 
 // Steps per block of the weight gradient: the block's packed dz panel (32 x
 // 64 floats a step at the benchmark's sizes) stays in the core's L1 cache
@@ -217,14 +171,6 @@ constexpr int64_t kStepsPerBlock = 4;
 
 // Groups of blocks the weight gradient is split into (see LstmBackward).
 constexpr int64_t kWeightGroups = 4;
-
-// dst[0:n] += src[0:n].
-inline void add_into(float* dst, const float* src, int64_t n) {
-  for (int64_t i = 0; i < n; i += kVec) {
-    const int64_t m = std::min<int64_t>(kVec, n - i);
-    store_n(dst + i, load_n(dst + i, m) + load_n(src + i, m), m);
-  }
-}
 
 // ------------------------------------------------------------ backward --
 ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> gates,
@@ -430,11 +376,15 @@ ffi::Error LstmBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> kernel, ffi:
             store(zpack + k * kPanel + v, load_n(src + v, std::clamp<int64_t>(w - v, 0, kVec)));
         }
         if (w == kPanel) {
-          weight_panel<true>(apack, zpack, k_size, features, gate_cols, acc_in + n0, w);
-          weight_panel<true>(h_tiles, zpack, k_size, hidden, gate_cols, acc + n0, w);
+          tiles_product<true, true, true>(apack, kRows, k_size * kRows, zpack, kPanel, k_size,
+                                             features, acc_in + n0, gate_cols, w);
+          tiles_product<true, true, true>(h_tiles, kRows, k_size * kRows, zpack, kPanel, k_size,
+                                             hidden, acc + n0, gate_cols, w);
         } else {
-          weight_panel<false>(apack, zpack, k_size, features, gate_cols, acc_in + n0, w);
-          weight_panel<false>(h_tiles, zpack, k_size, hidden, gate_cols, acc + n0, w);
+          tiles_product<true, false, true>(apack, kRows, k_size * kRows, zpack, kPanel, k_size,
+                                             features, acc_in + n0, gate_cols, w);
+          tiles_product<true, false, true>(h_tiles, kRows, k_size * kRows, zpack, kPanel, k_size,
+                                             hidden, acc + n0, gate_cols, w);
         }
       }
     };
