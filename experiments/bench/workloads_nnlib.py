@@ -13,9 +13,10 @@ generation is
 
 Each builder returns a ``runner.Runner``. Its ``compile_s`` is the wall time of
 the first call (trace + compile + one run); its FLOPs come from XLA's cost
-analysis of the compiled step — except where a ``scan``/``fori_loop`` hides the
-work, since XLA counts a loop body once, not once per iteration (see each
-builder).
+analysis of the compiled step, traced with nnlib's native kernels off (the
+same math; XLA cannot count inside a native call) — except where a
+``scan``/``fori_loop`` hides the work, since XLA counts a loop body once, not
+once per iteration (see each builder).
 
 The sizes come from ``runner.SPECS``; the arrays (numpy, shared with the
 PyTorch build) from ``runner.make_data``.
@@ -23,6 +24,7 @@ PyTorch build) from ``runner.make_data``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +51,22 @@ def xla_flops(jitted: Callable[..., Any], *args: Any) -> float | None:
         analysis = analysis[0] if analysis else {}
     flops = (analysis or {}).get("flops")
     return float(flops) if flops is not None else None
+
+
+def xla_flops_of_the_math(make_step: Callable[[], Any], *args: Any) -> float | None:
+    """FLOPs of ``make_step()``'s program traced with nnlib's native kernels
+    off (``NNLIB_NATIVE=0``): the same math as XLA programs, which its cost
+    analysis counts; it cannot see inside a native call (the GPT's attention,
+    the CNN's kernel gradients). Lowered and compiled, never run."""
+    previous = os.environ.get("NNLIB_NATIVE")
+    os.environ["NNLIB_NATIVE"] = "0"
+    try:
+        return xla_flops(train_jit(make_step()), *args)
+    finally:
+        if previous is None:
+            del os.environ["NNLIB_NATIVE"]
+        else:
+            os.environ["NNLIB_NATIVE"] = previous
 
 
 def optimizer() -> Any:
@@ -78,8 +96,8 @@ def _train_runner(
 
     _, compile_s = timed_call(lambda: (step(), sync()))
     if flops is None:
-        flops = xla_flops(train_step, holder["state"], batch)
-        flops_source = "XLA cost analysis"
+        flops = xla_flops_of_the_math(make_train_step, holder["state"], batch)
+        flops_source = "XLA cost analysis of the step traced without native kernels"
     return Runner(name, "nnlib", step, sync, num_params(holder["state"].params),
                   items_per_step=int(batch["inputs"].shape[0]), compile_s=compile_s,
                   flops_per_step=flops, flops_source=flops_source, notes=notes,
