@@ -72,7 +72,7 @@ from nnlib.runtime import env_enabled
 
 NATIVE_DIR = Path(__file__).parent / "native"
 SOURCES = (NATIVE_DIR / "lstm.cc", NATIVE_DIR / "attention.cc", NATIVE_DIR / "layernorm.cc",
-           NATIVE_DIR / "conv.cc")
+           NATIVE_DIR / "conv.cc", NATIVE_DIR / "adamw.cc")
 HEADERS = (NATIVE_DIR / "common.h",)
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fno-math-errno",
          "-pthread", "-w")
@@ -86,6 +86,7 @@ TARGETS = {
     "nnlib_attention_qkv_backward": "NnlibAttentionQkvBackward",
     "nnlib_layer_norm_backward": "NnlibLayerNormBackward",
     "nnlib_conv_weight_gradient": "NnlibConvWeightGradient",
+    "nnlib_adamw": "NnlibAdamW",
 }
 _FORWARD, _BACKWARD = "nnlib_lstm_forward", "nnlib_lstm_backward"
 _lock = threading.Lock()
@@ -534,10 +535,12 @@ def _map_batch(primitive: Primitive) -> Callable[..., Any]:
 
 
 def _register_tangent(
-    primitive: Primitive, reference: Callable[..., Any], transpose: Callable[..., Any]
+    primitive: Primitive, reference: Callable[..., Any], transpose: Callable[..., Any],
+    batch: Callable[..., Any] | None = None,
 ) -> None:
     """Rules of a tangent primitive: evaluated (and differentiated again) as
-    XLA's ``reference``, transposed by ``transpose`` (the native backward)."""
+    XLA's ``reference``, transposed by ``transpose`` (the native backward),
+    batched by ``batch`` (default: once per element, ``_map_batch``)."""
 
     def jvp(primals, tangents, **params):
         tangents = tuple(ad.instantiate_zeros(t) for t in tangents)
@@ -546,7 +549,7 @@ def _register_tangent(
     primitive.def_impl(reference)
     ad.primitive_jvps[primitive] = jvp
     ad.primitive_transposes[primitive] = transpose
-    batching.primitive_batchers[primitive] = _map_batch(primitive)
+    batching.primitive_batchers[primitive] = batch or _map_batch(primitive)
     mlir.register_lowering(
         primitive, mlir.lower_fun(reference, multiple_results=primitive.multiple_results)
     )
@@ -828,18 +831,13 @@ def _conv_kernel_tangent_transpose(ct, x, dkernel, *, padding):
 
 
 def _conv_kernel_tangent_batch(args, dims, *, padding):
+    """XLA's convolution, vmapped: per-example gradients batch it as before."""
     reference = functools.partial(_conv_reference, padding=padding)
     return jax.vmap(reference, in_axes=tuple(dims))(*args), 0
 
 
-_conv_kernel_tangent_p.def_impl(_conv_reference)
-ad.primitive_jvps[_conv_kernel_tangent_p] = lambda primals, tangents, **params: jax.jvp(
-    functools.partial(_conv_reference, **params), primals,
-    tuple(ad.instantiate_zeros(t) for t in tangents))
-ad.primitive_transposes[_conv_kernel_tangent_p] = _conv_kernel_tangent_transpose
-batching.primitive_batchers[_conv_kernel_tangent_p] = _conv_kernel_tangent_batch
-mlir.register_lowering(_conv_kernel_tangent_p,
-                       mlir.lower_fun(_conv_reference, multiple_results=False))
+_register_tangent(_conv_kernel_tangent_p, _conv_reference, _conv_kernel_tangent_transpose,
+                  _conv_kernel_tangent_batch)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -893,3 +891,49 @@ def conv(x: Array, kernel: Array, padding: tuple[tuple[int, int], ...]) -> Array
     _require()
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     return _conv(x, kernel, padding)
+
+
+# --------------------------------------------------------------------------- #
+# AdamW's update of one array.
+# --------------------------------------------------------------------------- #
+
+
+def _adamw_reference(params, grads, mu, nu, scalars):
+    """``native/adamw.cc``'s arithmetic in XLA's operations (optax's, in its order)."""
+    neg_lr, a1, b1, a2, b2, eps, wd, c1, c2 = (scalars[i] for i in range(9))
+    mu = a1 * grads + b1 * mu
+    nu = a2 * (grads * grads) + b2 * nu
+    update = (mu / c1) / (jnp.sqrt(nu / c2) + eps) + wd * params
+    return params + neg_lr * update, mu, nu
+
+
+@jax.custom_jvp
+def _adamw(params, grads, mu, nu, scalars):
+    f32 = jax.ShapeDtypeStruct(params.shape, jnp.float32)
+    out = jax.ffi.ffi_call("nnlib_adamw", (f32, f32, f32), vmap_method="sequential",
+                           input_output_aliases={0: 0, 2: 1, 3: 2})(
+        params, grads, mu, nu, scalars)
+    return tuple(_vary_as((params, grads, mu, nu, scalars), x) for x in out)
+
+
+@_adamw.defjvp
+def _adamw_jvp(primals, tangents):
+    return _adamw(*primals), jax.jvp(_adamw_reference, primals, tangents)[1]
+
+
+def adamw_update(params: Array, grads: Array, mu: Array, nu: Array,
+                 scalars: Array) -> tuple[Array, Array, Array]:
+    """One AdamW step of one float32 array, in one pass (``native/adamw.cc``).
+
+    Args:
+      params, grads, mu, nu: the array, its gradient and its two moments, one shape.
+      scalars: ``[9]`` float32: ``-lr, 1 - b1, b1, 1 - b2, b2, eps, wd, c1, c2``
+        with the bias corrections ``c = 1 - b^t`` of this step.
+
+    Returns:
+      ``(params', mu', nu')``; the inputs' buffers are reused where XLA can.
+      Differentiable (through the same formula in XLA's operations). Needs
+      ``available()``.
+    """
+    _require()
+    return _adamw(params, grads, mu, nu, scalars)

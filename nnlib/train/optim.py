@@ -9,16 +9,26 @@ Weight decay applies to weight matrices and kernels only (``ndim >= 2``); biases
 and normalization scales are not decayed (the AdamW paper's practice, and
 nanoGPT's). Frozen parameters are selected by regular expressions on their
 path, ``"encoder/layers_0/.*"``, and receive exactly zero updates.
+
+A plain ``"adamw"`` (no clipping, freezing or accumulation) comes as a
+``FusedAdamW``: optax's ``adamw`` (its ``init`` and ``update``, its state)
+plus ``apply``, which ``TrainState.apply_gradients`` calls to update the
+parameters and both moments of each large float32 array in one native pass
+on the CPU (``nnlib.layers._native.adamw_update``), where optax's program is
+three dependent loops per array. The arithmetic is optax's, in its order.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
+
+from nnlib.layers import _native
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "lion")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear", "warmup_linear")
@@ -94,6 +104,59 @@ def frozen_labels(params: Any, frozen: Sequence[str]) -> Any:
     )
 
 
+#: Arrays with fewer elements take optax's update in ``FusedAdamW.apply``
+#: (a native call's fixed cost, ~10-20 us, outweighs the pass it saves).
+FUSED_ADAMW_MIN_SIZE = 16384
+
+
+class FusedAdamW(NamedTuple):
+    """optax's ``adamw`` with a one-pass ``apply`` (see the module docstring).
+
+    ``init`` and ``update`` are optax's own (so it composes as any optax
+    transformation, with its state); ``apply(grads, opt_state, params)``
+    returns ``(new_params, new_opt_state)``, equal to ``update`` followed by
+    ``optax.apply_updates``.
+    """
+
+    init: Callable[..., Any]
+    update: Callable[..., Any]
+    apply: Callable[..., Any]
+
+
+def _fused_adamw(opt: Any, learning_rate: float | optax.Schedule, b1: float, b2: float,
+                 eps: float, weight_decay: float) -> FusedAdamW:
+    def apply(grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+        # optax's update for every array; XLA drops what the native calls replace.
+        updates, new_state = opt.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        adam, _, lr_state = opt_state
+        if not (jax.default_backend() == "cpu" and _native.available()):
+            return new_params, new_state
+        # The step's scalars as optax computes them (its bias corrections from
+        # the incremented count, the learning rate from the schedule's count).
+        count = new_state[0].count
+        c1, c2 = (1 - b1 ** count).astype(jnp.float32), (1 - b2 ** count).astype(jnp.float32)
+        lr = learning_rate(lr_state.count) if callable(learning_rate) else learning_rate
+        leaves_p, treedef = jax.tree.flatten(params)
+        leaves = (leaves_p, treedef.flatten_up_to(grads), treedef.flatten_up_to(adam.mu),
+                  treedef.flatten_up_to(adam.nu), treedef.flatten_up_to(new_params),
+                  treedef.flatten_up_to(new_state[0].mu), treedef.flatten_up_to(new_state[0].nu))
+        out_p, out_mu, out_nu = list(leaves[4]), list(leaves[5]), list(leaves[6])
+        for i, (p, g, mu, nu) in enumerate(zip(*leaves[:4], strict=True)):
+            if not (p.size >= FUSED_ADAMW_MIN_SIZE
+                    and all(a.dtype == jnp.float32 for a in (p, g, mu, nu))):
+                continue
+            wd = weight_decay if p.ndim >= 2 else 0.0  # decay_mask
+            scalars = jnp.stack([jnp.asarray(x, jnp.float32) for x in (
+                -lr, 1 - b1, b1, 1 - b2, b2, eps, wd, c1, c2)])
+            out_p[i], out_mu[i], out_nu[i] = _native.adamw_update(p, g, mu, nu, scalars)
+        adam_new = new_state[0]._replace(mu=treedef.unflatten(out_mu),
+                                         nu=treedef.unflatten(out_nu))
+        return treedef.unflatten(out_p), (adam_new, *new_state[1:])
+
+    return FusedAdamW(opt.init, opt.update, apply)
+
+
 def make_optimizer(
     name: str = "adamw",
     learning_rate: float | optax.Schedule = 1e-3,
@@ -106,8 +169,11 @@ def make_optimizer(
     clip_norm: float | None = None,
     accumulate_steps: int = 1,
     frozen: Sequence[str] = (),
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformation | FusedAdamW:
     """An optax optimizer by name, with clipping, decay, freezing and accumulation.
+
+    A plain ``"adamw"`` comes as a ``FusedAdamW`` (optax's, plus a one-pass
+    ``apply``; see the module docstring).
 
     Args:
       name: one of ``OPTIMIZERS``.
@@ -134,6 +200,8 @@ def make_optimizer(
         b2 = 0.99 if name == "lion" else 0.999
     if name == "adamw":
         opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+        if clip_norm is None and not frozen and accumulate_steps == 1:
+            return _fused_adamw(opt, lr, b1, b2, eps, weight_decay)
     elif name == "lion":
         opt = optax.lion(lr, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)
     else:

@@ -106,11 +106,16 @@ class TrainState(struct.PyTreeNode):
     def apply_gradients(
         self, grads: Any, collections: Mapping[str, Any] | None = None
     ) -> TrainState:
-        """One optimizer update; returns the new state with ``step + 1``."""
-        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        """One optimizer update; returns the new state with ``step + 1``
+        (``tx.apply`` where the optimizer has one: ``FusedAdamW``)."""
+        if hasattr(self.tx, "apply"):
+            params, opt_state = self.tx.apply(grads, self.opt_state, self.params)
+        else:
+            updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+            params = optax.apply_updates(self.params, updates)
         return self.replace(
             step=self.step + 1,
-            params=optax.apply_updates(self.params, updates),
+            params=params,
             opt_state=opt_state,
             collections=self.collections if collections is None else collections,
         )

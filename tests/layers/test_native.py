@@ -429,7 +429,10 @@ _SHARD_MAP_SCRIPT = textwrap.dedent("""
     from nnlib.models import CNN, RNNClassifier
     from nnlib.models.gpt import GPT, GPTConfig
     from nnlib.train import TrainState, make_optimizer, make_train_step
+    from nnlib.train import optim
     from nnlib.train import parallel as par
+
+    optim.FUSED_ADAMW_MIN_SIZE = 1  # every array through the native AdamW
 
     assert _native.available() and jax.device_count() == 2
     mesh = par.make_mesh()
@@ -441,17 +444,19 @@ _SHARD_MAP_SCRIPT = textwrap.dedent("""
         "gpt": (GPT(GPTConfig(vocab_size=11, context_length=6, num_layers=1, num_heads=2,
                               embed_dim=8)),
                 rng.integers(0, 11, size=(4, 6)).astype(np.int32), 11),
-        # The second convolution's kernel gradient (16 input channels).
+        # The second convolution's kernel gradient (16 input channels), AdamW.
         "cnn": (CNN(features=(16, 16), hidden_sizes=(8,), num_classes=3),
                 rng.normal(size=(4, 8, 8, 1)).astype(np.float32), 3),
     }
     for name, (model, inputs, classes) in cases.items():
         labels = rng.integers(0, classes, size=inputs.shape[:2 if name == "gpt" else 1])
         batch = {"inputs": inputs, "labels": labels.astype(np.int32)}
-        state = TrainState.create(model=model, tx=make_optimizer("sgd", 0.1),
+        tx = make_optimizer("adamw", 0.01) if name == "cnn" else make_optimizer("sgd", 0.1)
+        state = TrainState.create(model=model, tx=tx,
                                   key=jax.random.key(0), example_input=inputs[:1])
         program = str(jax.make_jaxpr(make_train_step())(state, batch))
         assert "nnlib_" in program, name
+        assert ("nnlib_adamw" in program) == (name == "cnn"), name
         want, _ = jax.jit(make_train_step())(state, batch)
         step = par.make_data_parallel_train_step(mesh=mesh, method="shard_map")
         got, _ = step(par.replicate(state, mesh), par.shard_batch(batch, mesh=mesh))
@@ -463,7 +468,8 @@ _SHARD_MAP_SCRIPT = textwrap.dedent("""
 
 def test_kernels_under_shard_map(native):
     """A data-parallel ``shard_map`` train step of an LSTM, a GPT and a CNN
-    (every kernel, with replicated weights and per-device data) equals one device's."""
+    with AdamW (every kernel, with replicated weights and per-device data)
+    equals one device's."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     result = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT], env=env,

@@ -418,3 +418,103 @@ def test_eval_metrics_with_label_mask_average_over_tokens_across_batches():
     np.testing.assert_allclose(avg["loss"], (nll * label_mask).sum() / label_mask.sum(),
                                rtol=1e-5)
     assert avg["count"] == 14
+
+
+# --------------------------------------------------------------------------- #
+# FusedAdamW: optax's adamw with a one-pass native apply.
+# --------------------------------------------------------------------------- #
+
+needs_native = pytest.mark.skipif(
+    not __import__("shutil").which("c++"), reason="no C++ compiler: apply is optax's")
+
+
+def _fused_case(seed=0):
+    rng = np.random.default_rng(seed)
+    # A decayed matrix and an undecayed vector above the native threshold, and
+    # a small one below it; sizes not a multiple of the vector width.
+    params = {"w": rng.normal(size=(173, 101)), "v": rng.normal(size=(20011,)),
+              "b": rng.normal(size=(7,))}
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    grads = [jax.tree.map(lambda a, i=i: jnp.asarray(
+        np.random.default_rng(seed + 10 + i).normal(size=a.shape), jnp.float32), params)
+        for i in range(4)]
+    return params, grads
+
+
+@needs_native
+@pytest.mark.parametrize("learning_rate", [3e-3, optax.warmup_cosine_decay_schedule(
+    0.0, 1e-2, 2, 10)])
+def test_fused_adamw_equals_optax(learning_rate):
+    """Four steps of ``apply`` against optax's ``adamw`` + ``apply_updates``
+    (weight decay on matrices only, a schedule's count): parameters and
+    moments to a few float32 roundings, the state's structure and count equal."""
+    from nnlib.train.optim import FusedAdamW, decay_mask
+
+    params, grads = _fused_case()
+    tx = make_optimizer("adamw", learning_rate, weight_decay=0.1, b1=0.8, b2=0.95, eps=1e-6)
+    assert isinstance(tx, FusedAdamW)
+    assert "nnlib_adamw" in str(jax.make_jaxpr(tx.apply)(grads[0], tx.init(params), params))
+    ref = optax.adamw(learning_rate, b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.1,
+                      mask=decay_mask)
+
+    @jax.jit
+    def ref_step(p, s, g):
+        u, s = ref.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    p1, s1, p2, s2 = params, tx.init(params), params, ref.init(params)
+    apply = jax.jit(tx.apply)
+    for g in grads:
+        p1, s1 = apply(g, s1, p1)
+        p2, s2 = ref_step(p2, s2, g)
+    assert jax.tree.structure(s1) == jax.tree.structure(s2)
+    for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-7)
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), p1, params)
+    assert min(jax.tree.leaves(moved)) > 1e-3
+
+
+@needs_native
+def test_fused_adamw_in_the_train_step_under_vmap_and_grad():
+    """``TrainState.apply_gradients`` takes ``apply``; a vmapped ensemble of
+    states and a gradient through the update equal optax's."""
+    from nnlib.train.optim import decay_mask
+
+    params, grads = _fused_case(1)
+    tx = make_optimizer("adamw", 1e-2, weight_decay=0.05)
+    ref = optax.adamw(1e-2, weight_decay=0.05, mask=decay_mask)
+
+    def step(tx, p, g):
+        if hasattr(tx, "apply"):
+            return tx.apply(g, tx.init(p), p)[0]
+        u, _ = tx.update(g, tx.init(p), p)
+        return optax.apply_updates(p, u)
+
+    members = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), params)
+    member_grads = jax.tree.map(lambda a: jnp.stack([a, -a]), grads[0])
+    got = jax.jit(jax.vmap(lambda p, g: step(tx, p, g)))(members, member_grads)
+    want = jax.jit(jax.vmap(lambda p, g: step(ref, p, g)))(members, member_grads)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-7)
+
+    def loss(tx):
+        return lambda p: sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(step(tx, p, grads[0])))
+
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(tx))(params)),
+                    jax.tree.leaves(jax.grad(loss(ref))(params)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+    x, y = _data(n=8, d=100)  # a 100 x 200 kernel: above the native threshold
+    state = TrainState.create(model=MLP((200,), out_features=2), tx=tx, key=KEY,
+                              example_input=x[:1])
+    program = str(jax.make_jaxpr(make_train_step())(state, {"inputs": x, "labels": y}))
+    assert "nnlib_adamw" in program
+
+
+def test_wrapped_adamw_is_plain_optax():
+    """With clipping, freezing or accumulation the chain is optax's own."""
+    from nnlib.train.optim import FusedAdamW
+
+    assert isinstance(make_optimizer("adamw"), FusedAdamW)
+    for kwargs in ({"clip_norm": 1.0}, {"frozen": ("a/.*",)}, {"accumulate_steps": 2}):
+        assert not hasattr(make_optimizer("adamw", **kwargs), "apply")
