@@ -910,7 +910,9 @@ def _adamw_reference(params, grads, mu, nu, scalars):
 @jax.custom_jvp
 def _adamw(params, grads, mu, nu, scalars):
     f32 = jax.ShapeDtypeStruct(params.shape, jnp.float32)
-    out = jax.ffi.ffi_call("nnlib_adamw", (f32, f32, f32), vmap_method="sequential",
+    # Under vmap every operand gets the batch axis in front (the kernel reads
+    # one row of scalars per member): one call for the whole ensemble.
+    out = jax.ffi.ffi_call("nnlib_adamw", (f32, f32, f32), vmap_method="broadcast_all",
                            input_output_aliases={0: 0, 2: 1, 3: 2})(
         params, grads, mu, nu, scalars)
     return tuple(_vary_as((params, grads, mu, nu, scalars), x) for x in out)
@@ -932,8 +934,8 @@ def adamw_update(params: Array, grads: Array, mu: Array, nu: Array,
 
     Returns:
       ``(params', mu', nu')``; the inputs' buffers are reused where XLA can.
-      Differentiable (through the same formula in XLA's operations). Needs
-      ``available()``.
+      Differentiable (through the same formula in XLA's operations); under
+      ``jax.vmap`` one call updates every member. Needs ``available()``.
     """
     _require()
     return _adamw(params, grads, mu, nu, scalars)

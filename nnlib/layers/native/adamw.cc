@@ -7,7 +7,9 @@
 // one after another: ~10 array reads and writes where one pass needs 7, and
 // on the benchmark MLP's first layer 0.38 ms of dependent loops on one core.
 // Here each chunk of elements is updated whole, the chunks shared among the
-// threads of XLA's pool. The arithmetic is optax's, in its order:
+// threads of XLA's pool; a vmapped ensemble's arrays come as one batch,
+// each member with its own step's scalars. The arithmetic is optax's, in its
+// order:
 //
 //   mu' = (1 - b1) g + b1 mu            nu' = (1 - b2) g^2 + b2 nu
 //   u = (mu' / c1) / (sqrt(nu' / c2) + eps) + wd p
@@ -44,16 +46,19 @@ ffi::Error AdamW(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> params, ffi::Buffer
                  ffi::Buffer<ffi::F32> scalars, ffi::ResultBuffer<ffi::F32> params_out,
                  ffi::ResultBuffer<ffi::F32> mu_out, ffi::ResultBuffer<ffi::F32> nu_out) {
   const int64_t n = static_cast<int64_t>(params.element_count());
+  // scalars: [members, 9], one row per array of a batch of them (a vmapped
+  // ensemble: params [members, ...]), each row the step's scalars as the
+  // caller rounded them to float32 (1 - b1 from the float64 b1, as optax's
+  // Python arithmetic does): -lr, 1 - b1, b1, 1 - b2, b2, eps, wd, c1, c2.
+  const int64_t members = static_cast<int64_t>(scalars.element_count()) / 9;
   if (static_cast<int64_t>(grads.element_count()) != n ||
       static_cast<int64_t>(mu.element_count()) != n ||
-      static_cast<int64_t>(nu.element_count()) != n || scalars.element_count() != 9)
-    return ffi::Error::InvalidArgument("adamw: params, grads, mu, nu sizes differ, or not 9 scalars");
-  // The step's scalars as the caller rounded them to float32 (1 - b1 from the
-  // float64 b1, as optax's Python arithmetic does): -lr, 1 - b1, b1, 1 - b2,
-  // b2, eps, wd, c1, c2.
-  const float* s = scalars.typed_data();
-  const float neg_lr = s[0], a1 = s[1], b1 = s[2], a2 = s[3], b2 = s[4], eps = s[5], wd = s[6],
-              c1 = s[7], c2 = s[8];
+      static_cast<int64_t>(nu.element_count()) != n ||
+      static_cast<int64_t>(scalars.element_count()) != 9 * members || members == 0 ||
+      n % members != 0)
+    return ffi::Error::InvalidArgument(
+        "adamw: params, grads, mu, nu sizes differ, or scalars are not [members, 9]");
+  const int64_t per_member = n / members;
   const float* p = params.typed_data();
   const float* g = grads.typed_data();
   const float* m = mu.typed_data();
@@ -61,12 +66,17 @@ ffi::Error AdamW(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> params, ffi::Buffer
   float* p2 = params_out->typed_data();
   float* m2 = mu_out->typed_data();
   float* v2 = nu_out->typed_data();
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t member_chunks = (per_member + kChunk - 1) / kChunk;
   Phases phases(1);
   auto job = [&] {
-    phases.run(0, chunks, [&](int64_t q) {
-      const int64_t end = std::min(n, (q + 1) * kChunk);
-      for (int64_t i = q * kChunk; i < end; i += kVec) {
+    phases.run(0, members * member_chunks, [&](int64_t q) {
+      const int64_t member = q / member_chunks;
+      const float* s = scalars.typed_data() + 9 * member;
+      const float neg_lr = s[0], a1 = s[1], b1 = s[2], a2 = s[3], b2 = s[4], eps = s[5],
+                  wd = s[6], c1 = s[7], c2 = s[8];
+      const int64_t base = member * per_member;
+      const int64_t end = base + std::min(per_member, (q % member_chunks + 1) * kChunk);
+      for (int64_t i = base + q % member_chunks * kChunk; i < end; i += kVec) {
         const int64_t k = std::min<int64_t>(kVec, end - i);
         const vf gv = load_n(g + i, k), pv = load_n(p + i, k);
         const vf mv = splat(a1) * gv + splat(b1) * load_n(m + i, k);
@@ -91,7 +101,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibAdamW, AdamW,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grads
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mu
                                   .Arg<ffi::Buffer<ffi::F32>>()  // nu
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scalars [9]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scalars [members, 9]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // params'
                                   .Ret<ffi::Buffer<ffi::F32>>()  // mu'
                                   .Ret<ffi::Buffer<ffi::F32>>());  // nu'
