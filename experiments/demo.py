@@ -93,7 +93,7 @@ def main() -> None:
         m = rows[0][1]
         print(f"MFLOP/step: XLA's count for one training step, a scan/while loop body once "
               f"(nnlib's native CPU kernels not at all: the LSTM's recurrence, the "
-              f"convolutions' kernel gradients, LayerNorm's backward)."
+              f"convolutions' kernel gradients, LayerNorm's backward, AdamW's update)."
               f"\nenergy: an estimate for the whole run "
               f"({m['cost_device_power_w']:g} W x utilization {m['cost_utilization']:g} x PUE "
               f"{m['cost_pue']:g} on {m['cost_device']}).")

@@ -253,7 +253,8 @@ def cost_report(
       ``cost_grid_gco2_per_kwh``) and ``cost_device``. FLOPs and bytes count a
       ``while``/``scan`` loop body once, and nnlib's native CPU kernels (the
       LSTM recurrence, attention, LayerNorm's backward, a convolution's
-      kernel gradient) not at all: XLA sees them as opaque calls.
+      kernel gradient, AdamW's update) not at all: XLA sees them as opaque
+      calls.
     """
     if num_steps < 1:
         raise ValueError(f"cost_report: num_steps must be >= 1, got {num_steps}")

@@ -1,5 +1,5 @@
 """Native CPU kernels, compiled on first use: the LSTM recurrence, attention, LayerNorm,
-a convolution's kernel gradient.
+a convolution's kernel gradient, AdamW's update.
 
 XLA runs a recurrent layer as a ``lax.scan`` of separate operations: every
 step hands a small matmul to the CPU's matmul library and the gates to a
@@ -26,7 +26,8 @@ benchmark GPT's train step from 0.80-0.84 of PyTorch's to 0.99-1.04.
 ``native/conv.cc`` is a convolution's kernel gradient (``Conv2D``/``Conv1D``,
 stride 1, 16k input channels): a product over pixels with the patches
 gathered as it goes, where XLA:CPU transposes its operands into a
-convolution over the batch.
+convolution over the batch. ``native/adamw.cc`` is one AdamW step of an
+array in one pass (``nnlib.train.optim.FusedAdamW``).
 The kernels run on XLA's own intra-op thread pool (the FFI's ``ThreadPool``).
 
 The kernels are C++ source shipped with the package. ``available()``
