@@ -9,6 +9,7 @@ from nnlib.train.loop import NonFiniteError, fit
 from nnlib.train.optim import (
     OPTIMIZERS,
     SCHEDULES,
+    FusedAdamW,
     make_optimizer,
     make_schedule,
     path_str,
@@ -51,6 +52,7 @@ __all__ = [
     "make_dp_sgd_train_step",
     "make_ensemble_train_step",
     "make_eval_step",
+    "FusedAdamW",
     "make_optimizer",
     "make_schedule",
     "make_train_step",

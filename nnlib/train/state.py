@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from nnlib.train.optim import FusedAdamW
+
 
 def _raw_key(key: jax.Array) -> jax.Array:
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -108,7 +110,7 @@ class TrainState(struct.PyTreeNode):
     ) -> TrainState:
         """One optimizer update; returns the new state with ``step + 1``
         (``tx.apply`` where the optimizer has one: ``FusedAdamW``)."""
-        if hasattr(self.tx, "apply"):
+        if isinstance(self.tx, FusedAdamW):
             params, opt_state = self.tx.apply(grads, self.opt_state, self.params)
         else:
             updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
