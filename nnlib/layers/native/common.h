@@ -136,56 +136,6 @@ inline vf vtanh(vf x) {
 }
 
 // ------------------------------------------------------------ the product --
-// C[r, 0:kPanel] (+)= sum_k A[r, k] Bp[k, 0:kPanel] for R rows; Bp is a
-// packed, aligned panel [K, kPanel]; C has row stride kPanel. With
-// kAccumulate the product is added to C, else it overwrites C.
-template <int R, bool kAccumulate>
-inline void microkernel(const float* a, int64_t lda, const float* bp, int64_t k_size,
-                        float* c) {
-  vf acc[R][kPanelVecs];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < kPanelVecs; ++j)
-      acc[r][j] = kAccumulate ? load(c + r * kPanel + j * kVec) : vf{};
-  for (int64_t k = 0; k < k_size; ++k) {
-    vf b[kPanelVecs];
-    for (int j = 0; j < kPanelVecs; ++j)
-      b[j] = *reinterpret_cast<const vf*>(bp + k * kPanel + j * kVec);
-    for (int r = 0; r < R; ++r) {
-      vf av = splat(a[r * lda + k]);
-      for (int j = 0; j < kPanelVecs; ++j) acc[r][j] += av * b[j];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < kPanelVecs; ++j) store(c + r * kPanel + j * kVec, acc[r][j]);
-}
-
-template <bool kAccumulate>
-inline void rows_product(const float* a, int64_t lda, int64_t rows, const float* bp,
-                         int64_t k_size, float* c) {
-  int64_t r = 0;
-  for (; r + kRows <= rows; r += kRows)
-    microkernel<kRows, kAccumulate>(a + r * lda, lda, bp, k_size, c + r * kPanel);
-  float* cr = c + r * kPanel;
-  a += r * lda;
-  switch (rows - r) {
-    case 5: microkernel<5, kAccumulate>(a, lda, bp, k_size, cr); break;
-    case 4: microkernel<4, kAccumulate>(a, lda, bp, k_size, cr); break;
-    case 3: microkernel<3, kAccumulate>(a, lda, bp, k_size, cr); break;
-    case 2: microkernel<2, kAccumulate>(a, lda, bp, k_size, cr); break;
-    case 1: microkernel<1, kAccumulate>(a, lda, bp, k_size, cr); break;
-    default: break;
-  }
-}
-
-// C[rows, kPanel] = A[rows, K] @ Bp[K, kPanel], or C += it (accumulate).
-inline void panel_product(const float* a, int64_t lda, int64_t rows, const float* bp,
-                          int64_t k_size, float* c, bool accumulate = false) {
-  if (accumulate)
-    rows_product<true>(a, lda, rows, bp, k_size, c);
-  else
-    rows_product<false>(a, lda, rows, bp, k_size, c);
-}
-
 // C[0:R, 0:w] (+)= sum_k A[0:R, k] B[k, 0:kPanel]: A read as a[k lda + r]
 // (kAByK: a packed tile [K, kRows] with lda = kRows, or a transposed matrix)
 // or as a[r lda + k] (a row-major matrix in place); B as b[k ldb + j]
@@ -241,6 +191,18 @@ void tiles_product(const float* a, int64_t lda, int64_t tile_stride, const float
 #undef NNLIB_TILE
     }
   }
+}
+
+// C[rows, kPanel] = A[rows, K] @ Bp[K, kPanel], or C += it (accumulate): A
+// row-major in place, Bp a packed panel, C with row stride kPanel.
+inline void panel_product(const float* a, int64_t lda, int64_t rows, const float* bp,
+                          int64_t k_size, float* c, bool accumulate = false) {
+  if (accumulate)
+    tiles_product<true, true, false>(a, lda, kRows * lda, bp, kPanel, k_size, rows, c, kPanel,
+                                     kPanel);
+  else
+    tiles_product<false, true, false>(a, lda, kRows * lda, bp, kPanel, k_size, rows, c, kPanel,
+                                      kPanel);
 }
 
 struct AlignedBuffer {
