@@ -137,18 +137,17 @@ def _fused_adamw(opt: Any, learning_rate: float | optax.Schedule, b1: float, b2:
         count = new_state[0].count
         c1, c2 = (1 - b1 ** count).astype(jnp.float32), (1 - b2 ** count).astype(jnp.float32)
         lr = learning_rate(lr_state.count) if callable(learning_rate) else learning_rate
-        leaves_p, treedef = jax.tree.flatten(params)
-        leaves = (leaves_p, treedef.flatten_up_to(grads), treedef.flatten_up_to(adam.mu),
-                  treedef.flatten_up_to(adam.nu), treedef.flatten_up_to(new_params),
-                  treedef.flatten_up_to(new_state[0].mu), treedef.flatten_up_to(new_state[0].nu))
-        out_p, out_mu, out_nu = list(leaves[4]), list(leaves[5]), list(leaves[6])
-        for i, (p, g, mu, nu) in enumerate(zip(*leaves[:4], strict=True)):
+        treedef = jax.tree.structure(params)
+        flat = treedef.flatten_up_to
+        out_p, out_mu, out_nu = flat(new_params), flat(new_state[0].mu), flat(new_state[0].nu)
+        inputs = zip(flat(params), flat(grads), flat(adam.mu), flat(adam.nu),
+                     flat(decay_mask(params)), strict=True)
+        for i, (p, g, mu, nu, decayed) in enumerate(inputs):
             if not (p.size >= FUSED_ADAMW_MIN_SIZE
                     and all(a.dtype == jnp.float32 for a in (p, g, mu, nu))):
                 continue
-            wd = weight_decay if p.ndim >= 2 else 0.0  # decay_mask
             scalars = jnp.stack([jnp.asarray(x, jnp.float32) for x in (
-                -lr, 1 - b1, b1, 1 - b2, b2, eps, wd, c1, c2)])
+                -lr, 1 - b1, b1, 1 - b2, b2, eps, weight_decay if decayed else 0.0, c1, c2)])
             out_p[i], out_mu[i], out_nu[i] = _native.adamw_update(p, g, mu, nu, scalars)
         adam_new = new_state[0]._replace(mu=treedef.unflatten(out_mu),
                                          nu=treedef.unflatten(out_nu))
