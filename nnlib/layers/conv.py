@@ -14,13 +14,23 @@ kw]``; ``weight.permute(2, 3, 1, 0)`` gives nnlib's kernel.
 The convolution is ``jax.lax.conv_general_dilated`` called directly, as a
 cross-correlation (the kernel is not flipped, as in every deep learning
 library). Lowering it to patches + matmul ("im2col") was measured 4x slower on
-CPU, so XLA's convolution is used as is, forward and for the input's
-gradient. The kernel's gradient of a stride-1 convolution over 16k input
-channels is nnlib's native kernel on the CPU (``native``, default on):
-XLA:CPU forms it as a convolution over the batch after transposing the input
-and the output gradient, 6.5-7.0 ms for the benchmark CNN's second layer
-(batch 128, 14x14, 32 -> 64 channels), the native product over pixels
-4.2-4.4 ms (``experiments/bench/NOTES.md``).
+CPU, so XLA's convolution is used as is for the input's gradient and, mostly,
+forward. On the CPU (``native``, default on) two float32 cases of stride-1,
+undilated, single-group convolutions take other paths, the same math:
+
+- over 16k input channels, the kernel's gradient is nnlib's native kernel:
+  XLA:CPU forms it as a convolution over the batch after transposing the input
+  and the output gradient, 6.5-7.0 ms for the benchmark CNN's second layer
+  (batch 128, 14x14, 32 -> 64 channels), the native product over pixels
+  4.2-4.4 ms;
+- over few input channels (an image's first layer: at most
+  ``SHIFTED_CONV_MAX_TAPS`` products ``KH * KW * C`` per output), the forward
+  pass is a sum of shifted elementwise products (``shifted_conv``), which XLA
+  fuses into one pass over the output: the benchmark CNN's first layer (1
+  channel, 28x28, batch 128, 32 features) 2.6-2.9 -> 0.51-0.54 ms. Its
+  derivatives are XLA's convolution's.
+
+``experiments/bench/NOTES.md`` has the measurements.
 
 Options, per spatial axis (an int means the same on every axis):
 
@@ -38,6 +48,7 @@ Options, per spatial axis (an int means the same on every axis):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -45,6 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float
 
 from nnlib.layers._checks import ShapeError, check_input, param_shape
@@ -82,6 +94,80 @@ def _check_conv_input(
             f"{layer} expected inputs of shape {layout} with channels={channels} "
             f"(the size its kernel was initialised for), got shape {tuple(x.shape)}"
         )
+
+
+#: Largest number of taps per output (``KH * KW * C``) that ``shifted_conv``
+#: takes. XLA:CPU's convolution runs an image's first layer slowly: a 3x3
+#: convolution of a 1-channel 28x28 batch of 128 to 32 features took 2.6-2.9 ms,
+#: its shifted products 0.51-0.54 ms. The gain shrinks with the taps (measured
+#: at 32 features: 9 taps 5.5x, 18 3.5x, 25 2.7x, 27 2.0x, 36 1.4x, 45 1.1x,
+#: 49 (7x7, 1 channel) 2.2x, 50 1.0x, 72 0.4x; ``experiments/bench/NOTES.md``).
+SHIFTED_CONV_MAX_TAPS = 49
+
+
+def shifted_conv_applies(x: Any, kernel: Any, pads: Any) -> bool:
+    """Whether ``shifted_conv`` takes a stride-1, undilated, single-group 2-D
+    convolution: float32 ``[B, H, W, C]`` on the CPU, at most
+    ``SHIFTED_CONV_MAX_TAPS`` taps per output, non-negative padding."""
+    kh, kw, c, _ = kernel.shape
+    return (x.ndim == 4 and x.dtype == kernel.dtype == jnp.float32
+            and kh * kw * c <= SHIFTED_CONV_MAX_TAPS
+            and all(p >= 0 for pair in pads for p in pair)
+            and jax.default_backend() == "cpu")
+
+
+def _xla_conv(x: Array, kernel: Array, pads: Any) -> Array:
+    return lax.conv_general_dilated(x, kernel, (1, 1), pads,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _shifted_products(x: Array, kernel: Array, pads: Any) -> Array:
+    """``sum_{i,j,c} x_pad[:, i:i+OH, j:j+OW, c, None] * kernel[i, j, c]``: one
+    elementwise pass over the output, which XLA fuses with the padding."""
+    kh, kw, c, _ = kernel.shape
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    oh, ow = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            for ch in range(c):
+                term = xp[:, i:i + oh, j:j + ow, ch:ch + 1] * kernel[i, j, ch]
+                y = term if y is None else y + term
+    return y
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _shifted_conv(x: Array, kernel: Array, pads: Any) -> Array:
+    return _shifted_products(x, kernel, pads)
+
+
+@functools.partial(_shifted_conv.defjvp, symbolic_zeros=True)
+def _shifted_conv_jvp(pads, primals, tangents):
+    # The tangent (linear in each argument) is XLA's convolution: reverse mode
+    # transposes it into XLA's input and kernel gradients, where the shifted
+    # products' own transposes (a reduction over the batch per tap) ran 3-4x
+    # slower than XLA's kernel gradient.
+    x, kernel = primals
+    dx, dkernel = tangents
+    y = _shifted_conv(x, kernel, pads)
+    terms = []
+    if not isinstance(dx, SymbolicZero):
+        terms.append(_xla_conv(dx, kernel, pads))
+    if not isinstance(dkernel, SymbolicZero):
+        terms.append(_xla_conv(x, dkernel, pads))
+    return y, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
+
+
+def shifted_conv(x: Array, kernel: Array, pads: Any) -> Array:
+    """``lax.conv_general_dilated(x, kernel, (1, 1), pads)`` (``NHWC``, ``HWIO``)
+    computed as ``KH * KW * C`` shifted elementwise products, for convolutions
+    over few input channels (``shifted_conv_applies``).
+
+    Every derivative is XLA's convolution's (the tangent is formed by
+    ``lax.conv_general_dilated``), so gradients, forward mode, higher orders and
+    ``vmap`` are those of the plain convolution up to rounding.
+    """
+    return _shifted_conv(x, kernel, tuple((int(lo), int(hi)) for lo, hi in pads))
 
 
 def native_conv_applies(x: Any, kernel: Any, pads: Any, spatial_axes: int) -> bool:
@@ -151,13 +237,17 @@ class _Conv(nn.Module):
         )  # [*kernel_size, C / groups, F]
         dtype = self.dtype or x.dtype
         x, kernel = x.astype(dtype), kernel.astype(dtype)
-        if (self.native and self.groups == 1 and set(strides) == {1} and set(dilation) == {1}
-                and native_conv_applies(x, kernel, pads, n)):
-            # As a 2-D convolution (a 1-D one over rows of height 1).
-            lift = (lambda a: a) if n == 2 else (lambda a: a[:, None])
-            pads2 = tuple(pads) if n == 2 else ((0, 0), tuple(pads[0]))
-            y = native_conv(lift(x), kernel if n == 2 else kernel[None], pads2)
+        plain = self.groups == 1 and set(strides) == {1} and set(dilation) == {1}
+        # Both CPU paths see a 2-D convolution (a 1-D one over rows of height 1).
+        x2 = x if n == 2 else x[:, None]
+        kernel2 = kernel if n == 2 else kernel[None]
+        pads2 = tuple(pads) if n == 2 else ((0, 0), tuple(pads[0]))
+        if self.native and plain and native_conv_applies(x, kernel, pads, n):
+            y = native_conv(x2, kernel2, pads2)
             y = y if n == 2 else y[:, 0]  # [B, *out_spatial, F]
+        elif self.native and plain and shifted_conv_applies(x2, kernel2, pads2):
+            y = shifted_conv(x2, kernel2, pads2)
+            y = y if n == 2 else y[:, 0]
         else:
             y = lax.conv_general_dilated(
                 x,
@@ -189,9 +279,12 @@ class Conv1D(_Conv):
       dtype: computation dtype; ``None`` keeps the input's.
       param_dtype: storage dtype of the parameters.
       native: on the CPU in float32, for a stride-1, undilated, single-group
-        convolution with input channels a multiple of 16, form the kernel's
+        convolution: with input channels a multiple of 16, form the kernel's
         gradient in nnlib's native kernel (``nnlib.layers._native.conv``; the
-        convolution itself and the input's gradient stay XLA's).
+        convolution itself and the input's gradient stay XLA's); with at most
+        ``SHIFTED_CONV_MAX_TAPS`` taps ``K * C``, compute the forward pass as
+        shifted products (``shifted_conv``). ``False``: XLA's convolution
+        throughout.
 
     Shapes (B batch, W width, C channels, F features)::
 
@@ -226,9 +319,12 @@ class Conv2D(_Conv):
       dtype: computation dtype; ``None`` keeps the input's.
       param_dtype: storage dtype of the parameters.
       native: on the CPU in float32, for a stride-1, undilated, single-group
-        convolution with input channels a multiple of 16, form the kernel's
+        convolution: with input channels a multiple of 16, form the kernel's
         gradient in nnlib's native kernel (``nnlib.layers._native.conv``; the
-        convolution itself and the input's gradient stay XLA's).
+        convolution itself and the input's gradient stay XLA's); with at most
+        ``SHIFTED_CONV_MAX_TAPS`` taps ``KH * KW * C``, compute the forward pass as
+        shifted products (``shifted_conv``). ``False``: XLA's convolution
+        throughout.
 
     Shapes (B batch, H height, W width, C channels, F features)::
 

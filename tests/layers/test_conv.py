@@ -217,6 +217,103 @@ def test_conv_gradients_float64(module, shape):
                     order=2, modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
+# ------------------------------------------ few input channels: shifted products
+
+SHIFTED = [
+    # make(**kwargs) -> layer, input shape; each takes ``shifted_conv`` on the CPU
+    (lambda **k: Conv2D(6, 3, **k), (3, 8, 7, 1)),  # an image's first layer
+    (lambda **k: Conv2D(5, (3, 2), padding=((2, 0), (1, 1)), **k), (2, 6, 9, 3)),
+    (lambda **k: Conv2D(4, 5, padding="VALID", **k), (2, 9, 8, 1)),
+    (lambda **k: Conv2D(4, 7, padding=4, **k), (2, 6, 6, 1)),  # padding beyond the kernel
+    (lambda **k: Conv1D(4, 5, **k), (3, 12, 2)),
+]
+
+
+def forward_program(layer, x, params):
+    return str(jax.make_jaxpr(lambda p, x: layer.apply({"params": p}, x))(params, x))
+
+
+@pytest.mark.parametrize("make,shape", SHIFTED)
+def test_few_channel_convolutions_take_the_shifted_products(make, shape):
+    """Forward without XLA's convolution, equal to numpy's loops and to
+    ``native=False``; gradients of the parameters and the input equal XLA's."""
+    layer, plain = make(), make(native=False)
+    x = jnp.asarray(normal(shape, seed=3))
+    params = numpy_variables(layer, x)["params"]
+    assert "conv_general_dilated" not in forward_program(layer, x, params)
+    assert "conv_general_dilated" in forward_program(plain, x, params)
+    n = x.ndim - 2
+    pads = resolve(layer.padding, x.shape[1:-1], params["kernel"].shape[:n], (1,) * n, (1,) * n)
+    y = layer.apply({"params": params}, x)
+    np.testing.assert_allclose(
+        y, np_conv(x, params["kernel"], params["bias"], (1,) * n, pads, (1,) * n, 1),
+        rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, plain.apply({"params": params}, x), rtol=1e-5, atol=1e-5)
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jnp.sin(module.apply({"params": p}, x)))
+
+    got, want = jax.grad(loss(layer), (0, 1))(params, x), jax.grad(loss(plain), (0, 1))(params, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_shifted_conv_every_derivative():
+    """Forward mode and second order by finite differences (and equal to XLA's
+    convolution's), per-example (vmap over data) and ensemble (vmap over
+    kernels) gradients."""
+    from nnlib.layers.conv import shifted_conv
+
+    x = jnp.asarray(normal((3, 6, 5, 2), seed=4))
+    w = jnp.asarray(normal((3, 3, 2, 4), seed=5)) * 0.5
+    pads = ((1, 1), (2, 0))
+
+    def xla(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), pads,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def f(x, w):
+        return shifted_conv(x, w, pads)
+
+    def close(a, b):
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4)
+
+    check_grads(f, (x, w), order=2, modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)
+    tangents = (jnp.ones_like(x), -w)
+    close(jax.jvp(f, (x, w), tangents), jax.jvp(xla, (x, w), tangents))
+    close(jax.jvp(lambda w: f(x, w), (w,), (w,)), jax.jvp(lambda w: xla(x, w), (w,), (w,)))
+
+    def loss(conv):
+        return lambda w, x: jnp.sum(jnp.sin(conv(x, w)))
+
+    hvp = lambda conv: jax.jvp(jax.grad(loss(conv)), (w, x), (w, x))[1]  # noqa: E731
+    close(hvp(f), hvp(xla))
+    per_example = lambda conv: jax.vmap(  # noqa: E731
+        jax.grad(lambda w, xi: loss(conv)(w, xi[None])), (None, 0))(w, x)
+    close(per_example(f), per_example(xla))
+    ensemble = jnp.stack([w, 2 * w, -w])
+    close(jax.vmap(jax.grad(loss(f)), (0, None))(ensemble, x),
+          jax.vmap(jax.grad(loss(xla)), (0, None))(ensemble, x))
+
+
+def test_shifted_products_only_where_they_apply():
+    """Strided, dilated, grouped, many-tap (3x3 over 8 channels), bfloat16 and
+    float64 convolutions stay XLA's convolution."""
+    x = jnp.asarray(normal((2, 7, 7, 2)))
+    x8 = jnp.asarray(normal((2, 7, 7, 8)))
+    for layer, inputs in ((Conv2D(4, 3, strides=2), x), (Conv2D(4, 3, dilation=2), x),
+                          (Conv2D(4, 3, groups=2), x), (Conv2D(4, 3), x8),
+                          (Conv2D(4, 3), x.astype(jnp.bfloat16))):
+        params = numpy_variables(layer, inputs)["params"]
+        assert "conv_general_dilated" in forward_program(layer, inputs, params)
+    with jax.enable_x64(True):
+        x64 = jnp.asarray(normal((2, 7, 7, 2), dtype=np.float64))
+        layer = Conv2D(4, 3, param_dtype=jnp.float64)
+        params = numpy_variables(layer, x64, dtype=np.float64)["params"]
+        assert "conv_general_dilated" in forward_program(layer, x64, params)
+
+
 # ------------------------------------------------------------ jit and vmap
 
 MODULES = [
