@@ -87,6 +87,7 @@ TARGETS = {
     "nnlib_attention_qkv_backward": "NnlibAttentionQkvBackward",
     "nnlib_layer_norm_backward": "NnlibLayerNormBackward",
     "nnlib_conv_weight_gradient": "NnlibConvWeightGradient",
+    "nnlib_conv_weight_gradient_taps": "NnlibConvWeightGradientTaps",
     "nnlib_adamw": "NnlibAdamW",
 }
 _FORWARD, _BACKWARD = "nnlib_lstm_forward", "nnlib_lstm_backward"
@@ -770,7 +771,9 @@ def conv_weight_gradient(x: Array, dy: Array, kernel_shape: tuple[int, ...],
     """``dW`` of ``conv(x, W)`` (stride 1, channels last) for the output cotangent ``dy``.
 
     Args:
-      x: ``[B, H, W, C]`` float32, ``C`` a multiple of ``CONV_CHANNEL_MULTIPLE``.
+      x: ``[B, H, W, C]`` float32, ``C`` a multiple of ``CONV_CHANNEL_MULTIPLE``
+        or at most ``CONV_FEW_TAPS`` taps ``KH * KW * C``
+        (``conv_weight_gradient_applies``).
       dy: ``[B, OH, OW, F]`` float32.
       kernel_shape: ``(KH, KW, C, F)``.
       padding: ``((top, bottom), (left, right))``, each at least 0.
@@ -791,11 +794,17 @@ def _conv_weight_gradient_reference(x, dy, kernel_shape, padding):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _conv_weight_gradient(x, dy, kernel_shape, padding):
-    (top, _), (left, _) = padding
-    out = jax.ffi.ffi_call(
-        "nnlib_conv_weight_gradient", jax.ShapeDtypeStruct(kernel_shape, jnp.float32),
-        vmap_method="sequential",
-    )(x, dy, pad_top=np.int64(top), pad_left=np.int64(left))
+    (top, bottom), (left, right) = padding
+    result = jax.ShapeDtypeStruct(kernel_shape, jnp.float32)
+    if x.shape[-1] % CONV_CHANNEL_MULTIPLE == 0:
+        out = jax.ffi.ffi_call("nnlib_conv_weight_gradient", result, vmap_method="sequential")(
+            x, dy, pad_top=np.int64(top), pad_left=np.int64(left))
+    else:  # few taps: the input padded (to exactly the output's reach) by XLA
+        kh, kw = kernel_shape[:2]
+        x_pad = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+        x_pad = x_pad[:, :dy.shape[1] + kh - 1, :dy.shape[2] + kw - 1]
+        out = jax.ffi.ffi_call("nnlib_conv_weight_gradient_taps", result,
+                               vmap_method="sequential")(x_pad, dy)
     return _vary_as((x, dy), out)
 
 
@@ -860,10 +869,34 @@ def _conv_jvp(padding, primals, tangents):
 
 
 #: Input channels must be a multiple of this for the native weight gradient
-#: (whole vectors of channels in the patch gather; 16 covers AVX-512 and AVX2).
-#: Fewer (an image's first layer) stay XLA's: gathered a float at a time, the
-#: benchmark CNN's first layer (1 channel) took 2.1 ms natively, 1.1-1.3 in XLA.
+#: as a product over pixels (whole vectors of channels in the patch gather; 16
+#: covers AVX-512 and AVX2). Gathered a float at a time, the benchmark CNN's
+#: first layer (1 channel) took 2.1 ms that way, 1.1-1.3 in XLA.
 CONV_CHANNEL_MULTIPLE = 16
+
+#: ... or the taps per output ``KH * KW * C`` at most this: the few-tap kernel
+#: (an image's first layer), whose gradient is held in registers a block of
+#: taps at a time.
+CONV_FEW_TAPS = 49
+
+
+def conv_weight_gradient_applies(x: Any, kernel_shape: tuple[int, ...]) -> bool:
+    """Whether ``conv_weight_gradient`` takes float32 ``x`` with a kernel of
+    ``kernel_shape``: input channels a multiple of ``CONV_CHANNEL_MULTIPLE``
+    or at most ``CONV_FEW_TAPS`` taps, on the CPU with the kernels built."""
+    kh, kw, c, _ = kernel_shape
+    return (x.ndim == 4 and x.dtype == jnp.float32
+            and (c % CONV_CHANNEL_MULTIPLE == 0 or kh * kw * c <= CONV_FEW_TAPS)
+            and jax.default_backend() == "cpu" and available())
+
+
+def conv_kernel_tangent(x: Array, dkernel: Array, padding: tuple[tuple[int, int], ...]) -> Array:
+    """``conv(x, dkernel)`` (stride 1, ``NHWC``/``HWIO``) as a tangent linear in
+    ``dkernel``: evaluated as XLA's convolution, transposed (reverse mode) by
+    ``conv_weight_gradient``. Needs ``conv_weight_gradient_applies`` and
+    non-negative ``padding``."""
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _conv_kernel_tangent_p.bind(x, dkernel, padding=padding)
 
 
 def conv_applies(x: Any, kernel: Any, padding: Any) -> bool:

@@ -28,7 +28,10 @@ undilated, single-group convolutions take other paths, the same math:
   pass is a sum of shifted elementwise products (``shifted_conv``), which XLA
   fuses into one pass over the output: the benchmark CNN's first layer (1
   channel, 28x28, batch 128, 32 features) 2.6-2.9 -> 0.51-0.54 ms. Its
-  derivatives are XLA's convolution's.
+  derivatives are XLA's convolution's, except the kernel's gradient, which is
+  the native few-tap kernel where the kernels are built (the same layer
+  1.0-1.2 -> 0.39-0.41 ms; a 3-channel 32x32 layer to 64 features 4.4 ->
+  2.1 ms).
 
 ``experiments/bench/NOTES.md`` has the measurements.
 
@@ -62,6 +65,10 @@ from jaxtyping import Array, Float
 from nnlib.layers._checks import ShapeError, check_input, param_shape
 from nnlib.layers._native import conv as native_conv
 from nnlib.layers._native import conv_applies as _native_conv_applies
+from nnlib.layers._native import conv_kernel_tangent as _native_kernel_tangent
+from nnlib.layers._native import (
+    conv_weight_gradient_applies as _native_weight_gradient_applies,
+)
 from nnlib.layers.activations import get_activation
 from nnlib.layers.normalization import BatchNorm, Dropout, LayerNorm
 from nnlib.layers.pooling import (
@@ -144,9 +151,10 @@ def _shifted_conv(x: Array, kernel: Array, pads: Any) -> Array:
 @functools.partial(_shifted_conv.defjvp, symbolic_zeros=True)
 def _shifted_conv_jvp(pads, primals, tangents):
     # The tangent (linear in each argument) is XLA's convolution: reverse mode
-    # transposes it into XLA's input and kernel gradients, where the shifted
-    # products' own transposes (a reduction over the batch per tap) ran 3-4x
-    # slower than XLA's kernel gradient.
+    # transposes it into XLA's input gradient and into the kernel's gradient,
+    # native where the kernels are built (``_native.conv_weight_gradient``'s
+    # few-tap kernel), else XLA's. The shifted products' own transposes (a
+    # reduction over the batch per tap) ran 3-4x slower than XLA's.
     x, kernel = primals
     dx, dkernel = tangents
     y = _shifted_conv(x, kernel, pads)
@@ -154,7 +162,9 @@ def _shifted_conv_jvp(pads, primals, tangents):
     if not isinstance(dx, SymbolicZero):
         terms.append(_xla_conv(dx, kernel, pads))
     if not isinstance(dkernel, SymbolicZero):
-        terms.append(_xla_conv(x, dkernel, pads))
+        native = _native_weight_gradient_applies(x, kernel.shape)
+        terms.append(_native_kernel_tangent(x, dkernel, pads) if native
+                     else _xla_conv(x, dkernel, pads))
     return y, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
 
 
@@ -163,9 +173,10 @@ def shifted_conv(x: Array, kernel: Array, pads: Any) -> Array:
     computed as ``KH * KW * C`` shifted elementwise products, for convolutions
     over few input channels (``shifted_conv_applies``).
 
-    Every derivative is XLA's convolution's (the tangent is formed by
-    ``lax.conv_general_dilated``), so gradients, forward mode, higher orders and
-    ``vmap`` are those of the plain convolution up to rounding.
+    The tangent is ``lax.conv_general_dilated``'s, so gradients, forward mode,
+    higher orders and ``vmap`` are those of the plain convolution up to
+    rounding; the kernel's reverse-mode gradient is nnlib's native few-tap
+    kernel where ``nnlib.layers._native.conv_weight_gradient_applies``.
     """
     return _shifted_conv(x, kernel, tuple((int(lo), int(hi)) for lo, hi in pads))
 

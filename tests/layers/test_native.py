@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -509,6 +510,12 @@ def _conv_reference(x, kernel, padding):
     ((3, 6, 6, 48), (1, 1, 48, 130), ((0, 0), (0, 0))),  # 1x1: rows 48, 3 panels
     ((5, 8, 8, 32), (5, 5, 32, 9), ((2, 2), (2, 2))),  # 800 rows, 9 features
     ((1, 4, 5, 16), (3, 3, 16, 5), ((3, 0), (0, 4))),  # padding beyond the kernel's reach
+    # Few taps (KH * KW * C <= 49): the register-tile kernel.
+    ((16, 12, 10, 1), (3, 3, 1, 32), ((1, 1), (1, 1))),  # an image's first layer
+    ((9, 7, 6, 3), (3, 3, 3, 37), ((2, 0), (1, 1))),  # RGB, 3 tap blocks, a feature tail
+    ((3, 10, 8, 1), (5, 5, 1, 40), ((2, 2), (0, 3))),  # 25 taps in unequal blocks
+    ((2, 6, 6, 1), (7, 7, 1, 5), ((4, 4), (4, 4))),  # 49 taps, padding beyond the kernel
+    ((4, 5, 9, 2), (1, 3, 2, 70), ((0, 0), (0, 0))),  # no padding, 70 features
 ])
 def test_conv_weight_gradient_matches_xla(native, shape, kernel, padding):
     """``dW`` against XLA's transpose of the convolution, and bit-identical
@@ -576,15 +583,22 @@ def test_conv_layers_take_the_native_gradient_where_it_applies(native):
     x2 = jnp.asarray(rng.standard_normal((2, 9, 7, 16)), jnp.float32)
     x1 = jnp.asarray(rng.standard_normal((3, 11, 32)), jnp.float32)
     x3 = jnp.asarray(rng.standard_normal((2, 9, 7, 3)), jnp.float32)
-    for make, x in ((lambda **k: Conv2D(8, 3, **k), x2),
-                    (lambda **k: Conv2D(8, (3, 1), padding=((2, 0), (0, 0)), **k), x2),
-                    (lambda **k: Conv1D(5, 4, padding="SAME", **k), x1)):
+    x8 = jnp.asarray(rng.standard_normal((2, 9, 7, 8)), jnp.float32)
+    for make, x, target in (
+            (lambda **k: Conv2D(8, 3, **k), x2, "nnlib_conv_weight_gradient"),
+            (lambda **k: Conv2D(8, (3, 1), padding=((2, 0), (0, 0)), **k), x2,
+             "nnlib_conv_weight_gradient"),
+            (lambda **k: Conv1D(5, 4, padding="SAME", **k), x1, "nnlib_conv_weight_gradient"),
+            # Few taps (3 x 3 x 3, 1 x 5 x 2): the forward is shifted products.
+            (lambda **k: Conv2D(8, 3, **k), x3, "nnlib_conv_weight_gradient_taps"),
+            (lambda **k: Conv1D(5, 5, padding=((3, 1),), **k), x1[..., :2],
+             "nnlib_conv_weight_gradient_taps")):
         _, got, program = grads(make(), x)
-        assert "nnlib_conv_weight_gradient" in program
+        assert set(re.findall(r"nnlib_\w+", program)) == {target}
         _, want, plain = grads(make(native=False), x)
         assert "nnlib_" not in plain
         _close(got, want, tol=1e-5)
     for layer, x in ((Conv2D(8, 3, strides=2), x2), (Conv2D(8, 3, dilation=2), x2),
-                     (Conv2D(8, 3, groups=2), x2), (Conv2D(8, 3), x3),
+                     (Conv2D(8, 3, groups=2), x2), (Conv2D(8, 3), x8),
                      (Conv2D(8, 3), x2.astype(jnp.bfloat16))):
         assert "nnlib_" not in grads(layer, x)[2]
