@@ -934,11 +934,14 @@ def conv(x: Array, kernel: Array, padding: tuple[tuple[int, int], ...]) -> Array
 
 def _adamw_reference(params, grads, mu, nu, scalars):
     """``native/adamw.cc``'s arithmetic in XLA's operations (optax's, in its order)."""
-    neg_lr, a1, b1, a2, b2, eps, wd, c1, c2 = (scalars[i] for i in range(9))
-    mu = a1 * grads + b1 * mu
-    nu = a2 * (grads * grads) + b2 * nu
-    update = (mu / c1) / (jnp.sqrt(nu / c2) + eps) + wd * params
-    return params + neg_lr * update, mu, nu
+    neg_lr, a1, b1, a2, b2, eps, wd, c1, c2, keep = (scalars[i] for i in range(10))
+    new_mu = a1 * grads + b1 * mu
+    new_nu = a2 * (grads * grads) + b2 * nu
+    update = (new_mu / c1) / (jnp.sqrt(new_nu / c2) + eps) + wd * params
+    new_params = params + neg_lr * update
+    kept = keep != 0
+    return (jnp.where(kept, params, new_params), jnp.where(kept, mu, new_mu),
+            jnp.where(kept, nu, new_nu))
 
 
 @jax.custom_jvp
@@ -963,8 +966,10 @@ def adamw_update(params: Array, grads: Array, mu: Array, nu: Array,
 
     Args:
       params, grads, mu, nu: the array, its gradient and its two moments, one shape.
-      scalars: ``[9]`` float32: ``-lr, 1 - b1, b1, 1 - b2, b2, eps, wd, c1, c2``
-        with the bias corrections ``c = 1 - b^t`` of this step.
+      scalars: ``[10]`` float32: ``-lr, 1 - b1, b1, 1 - b2, b2, eps, wd, c1, c2,
+        keep`` with the bias corrections ``c = 1 - b^t`` of this step; ``keep``
+        non-zero returns ``(params, mu, nu)`` unchanged (a guarded step's
+        skipped update, with no select over the arrays afterwards).
 
     Returns:
       ``(params', mu', nu')``; the inputs' buffers are reused where XLA can.

@@ -113,9 +113,12 @@ class FusedAdamW(NamedTuple):
     """optax's ``adamw`` with a one-pass ``apply`` (see the module docstring).
 
     ``init`` and ``update`` are optax's own (so it composes as any optax
-    transformation, with its state); ``apply(grads, opt_state, params)``
-    returns ``(new_params, new_opt_state)``, equal to ``update`` followed by
-    ``optax.apply_updates``.
+    transformation, with its state); ``apply(grads, opt_state, params,
+    keep=None)`` returns ``(new_params, new_opt_state)``, equal to ``update``
+    followed by ``optax.apply_updates`` — or, where the boolean ``keep`` is
+    true (a guarded step that skips a non-finite gradient; per member under
+    ``vmap``), ``(params, opt_state)`` unchanged, the native arrays left as
+    they are by the kernel itself instead of selected afterwards.
     """
 
     init: Callable[..., Any]
@@ -123,20 +126,29 @@ class FusedAdamW(NamedTuple):
     apply: Callable[..., Any]
 
 
+def kept_where(keep: jax.Array, old: Any, new: Any) -> Any:
+    """``old`` where ``keep``, else ``new``, leaf by leaf (a skipped update)."""
+    return jax.tree.map(lambda o, n: jnp.where(keep, o, n), old, new)
+
+
 def _fused_adamw(opt: Any, learning_rate: float | optax.Schedule, b1: float, b2: float,
                  eps: float, weight_decay: float) -> FusedAdamW:
-    def apply(grads: Any, opt_state: Any, params: Any) -> tuple[Any, Any]:
+    def apply(grads: Any, opt_state: Any, params: Any,
+              keep: jax.Array | None = None) -> tuple[Any, Any]:
         # optax's update for every array; XLA drops what the native calls replace.
         updates, new_state = opt.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         adam, _, lr_state = opt_state
-        if not (jax.default_backend() == "cpu" and _native.available()):
-            return new_params, new_state
         # The step's scalars as optax computes them (its bias corrections from
         # the incremented count, the learning rate from the schedule's count).
         count = new_state[0].count
+        if keep is not None:
+            new_params, new_state = kept_where(keep, (params, opt_state), (new_params, new_state))
+        if not (jax.default_backend() == "cpu" and _native.available()):
+            return new_params, new_state
         c1, c2 = (1 - b1 ** count).astype(jnp.float32), (1 - b2 ** count).astype(jnp.float32)
         lr = learning_rate(lr_state.count) if callable(learning_rate) else learning_rate
+        kept = 0.0 if keep is None else keep
         treedef = jax.tree.structure(params)
         flat = treedef.flatten_up_to
         out_p, out_mu, out_nu = flat(new_params), flat(new_state[0].mu), flat(new_state[0].nu)
@@ -147,7 +159,8 @@ def _fused_adamw(opt: Any, learning_rate: float | optax.Schedule, b1: float, b2:
                     and all(a.dtype == jnp.float32 for a in (p, g, mu, nu))):
                 continue
             scalars = jnp.stack([jnp.asarray(x, jnp.float32) for x in (
-                -lr, 1 - b1, b1, 1 - b2, b2, eps, weight_decay if decayed else 0.0, c1, c2)])
+                -lr, 1 - b1, b1, 1 - b2, b2, eps, weight_decay if decayed else 0.0, c1, c2,
+                kept)])
             out_p[i], out_mu[i], out_nu[i] = _native.adamw_update(p, g, mu, nu, scalars)
         adam_new = new_state[0]._replace(mu=treedef.unflatten(out_mu),
                                          nu=treedef.unflatten(out_nu))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from nnlib.train.optim import FusedAdamW
+from nnlib.train.optim import FusedAdamW, kept_where
 
 
 def _raw_key(key: jax.Array) -> jax.Array:
@@ -106,21 +106,31 @@ class TrainState(struct.PyTreeNode):
         return {"params": self.params, **self.collections}
 
     def apply_gradients(
-        self, grads: Any, collections: Mapping[str, Any] | None = None
+        self, grads: Any, collections: Mapping[str, Any] | None = None, *,
+        keep: jax.Array | None = None,
     ) -> TrainState:
         """One optimizer update; returns the new state with ``step + 1``
-        (``tx.apply`` where the optimizer has one: ``FusedAdamW``)."""
+        (``tx.apply`` where the optimizer has one: ``FusedAdamW``).
+
+        ``keep``: a boolean scalar (per member under ``vmap``); where true, the
+        state comes back unchanged — the update computed and not taken, as a
+        guard over a non-finite gradient needs. ``FusedAdamW`` leaves its
+        native arrays as they are itself; every other leaf is selected.
+        """
         if isinstance(self.tx, FusedAdamW):
-            params, opt_state = self.tx.apply(grads, self.opt_state, self.params)
+            params, opt_state = self.tx.apply(grads, self.opt_state, self.params, keep=keep)
         else:
             updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
             params = optax.apply_updates(self.params, updates)
-        return self.replace(
-            step=self.step + 1,
-            params=params,
-            opt_state=opt_state,
-            collections=self.collections if collections is None else collections,
-        )
+            if keep is not None:
+                params, opt_state = kept_where(keep, (self.params, self.opt_state),
+                                            (params, opt_state))
+        collections = self.collections if collections is None else collections
+        step = self.step + 1
+        if keep is not None:
+            step, collections = kept_where(keep, (self.step, self.collections), (step, collections))
+        return self.replace(step=step, params=params, opt_state=opt_state,
+                            collections=collections)
 
 
 def num_params(params: Any) -> int:

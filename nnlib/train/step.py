@@ -123,9 +123,13 @@ def guarded_update(
     cell (under ``vmap`` JAX turns it into a per-member select). Inside
     ``pmap``/``shard_map`` pass ``use_cond=False``: the new state may vary
     across devices where the incoming one does not (BatchNorm without
-    ``axis_name``), which a cond rejects before ``shard_map`` can say so; a
-    ``where`` over the new state is used instead. (Measured on the benchmark
-    MLP: the shared reduction 2.5 %, the cond 3.8 % of the step.)
+    ``axis_name``), which a cond rejects before ``shard_map`` can say so; the
+    update is then computed and not taken where the step is not finite
+    (``apply_gradients(..., keep=...)``: a select over the state, except the
+    arrays ``FusedAdamW``'s kernel leaves as they are itself). (Measured on
+    the benchmark MLP: the shared reduction 2.5 %, the cond 3.8 % of the
+    step; on the 8-member vmapped ensemble, selecting the whole state after
+    the fused update took 16.7 ms a step, keeping it in the kernel 9.8.)
     """
     leaf_squares = jnp.stack([
         jnp.vdot(g, g, preferred_element_type=jnp.promote_types(g.dtype, jnp.float32))
@@ -139,9 +143,7 @@ def guarded_update(
             finite, lambda s, g, c: s.apply_gradients(g, c), lambda s, g, c: s,
             state, grads, collections)
     else:
-        new_state = state.apply_gradients(grads, collections)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                 new_state, state)
+        new_state = state.apply_gradients(grads, collections, keep=~finite)
     first_bad = jnp.where(jnp.all(leaf_finite), -1, jnp.argmin(leaf_finite))
     return new_state, {
         "grad_norm": jnp.sqrt(jnp.sum(leaf_squares)),

@@ -511,6 +511,65 @@ def test_fused_adamw_in_the_train_step_under_vmap_and_grad():
     assert "nnlib_adamw" in program
 
 
+@needs_native
+def test_fused_adamw_keep_leaves_the_state_as_it_was():
+    """``apply(keep=True)`` returns the parameters and state bit for bit (the
+    native arrays left alone by the kernel, the rest selected), ``keep=False``
+    the update; per member under ``vmap``; differentiable either way."""
+    params, grads = _fused_case(2)
+    tx = make_optimizer("adamw", 1e-2, weight_decay=0.05)
+    state = tx.init(params)
+    apply = jax.jit(tx.apply)
+    updated = apply(grads[0], state, params)
+    for keep, want in ((True, (params, state)), (False, updated)):
+        got = apply(grads[0], state, params, keep=jnp.bool_(keep))
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    pair = jax.tree.map(lambda a: jnp.stack([a, a]), (grads[0], state, params))
+    got = jax.jit(jax.vmap(tx.apply))(*pair, jnp.array([False, True]))
+    for a, new, old in zip(jax.tree.leaves(got), jax.tree.leaves(updated),
+                           jax.tree.leaves((params, state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(new))
+        np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(old))
+
+    def loss(p, keep):
+        new_params, _ = tx.apply(grads[0], state, p, keep=keep)
+        return sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(new_params))
+
+    kept = jax.grad(loss)(params, jnp.bool_(True))
+    for a, p in zip(jax.tree.leaves(kept), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.cos(np.asarray(p)), rtol=1e-6)
+
+
+@needs_native
+def test_where_guard_skips_with_the_fused_adamw_and_selects_nothing_large():
+    """The "where" guard (an ensemble's, shard_map's) with ``FusedAdamW``: a NaN
+    member keeps its state exactly, the other takes the update, and the program
+    selects no array the native update covers (the kernel keeps it)."""
+    x, y = _data(n=8, d=100)  # a 100 x 200 kernel: above the native threshold
+    tx = make_optimizer("adamw", 1e-2, weight_decay=0.05)
+    state = TrainState.create(model=MLP((200,), out_features=2), tx=tx, key=KEY,
+                              example_input=x[:1])
+    batch = {"inputs": x, "labels": y}
+    want, _ = jax.jit(make_train_step())(state, batch)
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    pair = jax.tree.map(lambda a: jnp.stack([a, a]), state)
+    batches = {"inputs": jnp.stack([x, bad]), "labels": jnp.stack([y, y])}
+    step = jax.vmap(make_train_step(guard="where"))
+    new, m = jax.jit(step)(pair, batches)
+    assert [bool(f) for f in m["finite"]] == [True, False]
+    for a, b, c in zip(jax.tree.leaves(new), jax.tree.leaves(want), jax.tree.leaves(state),
+                       strict=True):
+        np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-7)  # vmapped roundings
+        np.testing.assert_array_equal(a[1], c)
+    compiled = jax.jit(step).lower(pair, batches).compile().as_text()
+    assert "nnlib_adamw" in compiled
+    selects = [line for line in compiled.splitlines() if " select(" in line]
+    assert selects and not any("[2,100,200]" in line for line in selects)
+
+
 def test_wrapped_adamw_is_plain_optax():
     """With clipping, freezing or accumulation the chain is optax's own."""
     from nnlib.train.optim import FusedAdamW

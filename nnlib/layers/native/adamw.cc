@@ -14,10 +14,15 @@
 //   mu' = (1 - b1) g + b1 mu            nu' = (1 - b2) g^2 + b2 nu
 //   u = (mu' / c1) / (sqrt(nu' / c2) + eps) + wd p
 //   p' = p + (-lr) u                    (c1 = 1 - b1^t, c2 = 1 - b2^t)
+//
+// unless the step's `keep` scalar is set (a guarded step whose gradient was
+// not finite): then p, mu and nu come back as they were, so a guard needs no
+// select over the state afterwards (under vmap, per member).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "common.h"
 #include "xla/ffi/api/ffi.h"
@@ -46,18 +51,20 @@ ffi::Error AdamW(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> params, ffi::Buffer
                  ffi::Buffer<ffi::F32> scalars, ffi::ResultBuffer<ffi::F32> params_out,
                  ffi::ResultBuffer<ffi::F32> mu_out, ffi::ResultBuffer<ffi::F32> nu_out) {
   const int64_t n = static_cast<int64_t>(params.element_count());
-  // scalars: [members, 9], one row per array of a batch of them (a vmapped
-  // ensemble: params [members, ...]), each row the step's scalars as the
-  // caller rounded them to float32 (1 - b1 from the float64 b1, as optax's
-  // Python arithmetic does): -lr, 1 - b1, b1, 1 - b2, b2, eps, wd, c1, c2.
-  const int64_t members = static_cast<int64_t>(scalars.element_count()) / 9;
+  // scalars: [members, kScalars], one row per array of a batch of them (a
+  // vmapped ensemble: params [members, ...]), each row the step's scalars as
+  // the caller rounded them to float32 (1 - b1 from the float64 b1, as
+  // optax's Python arithmetic does): -lr, 1 - b1, b1, 1 - b2, b2, eps, wd,
+  // c1, c2, keep (non-zero: leave this member's arrays as they are).
+  constexpr int64_t kScalars = 10;
+  const int64_t members = static_cast<int64_t>(scalars.element_count()) / kScalars;
   if (static_cast<int64_t>(grads.element_count()) != n ||
       static_cast<int64_t>(mu.element_count()) != n ||
       static_cast<int64_t>(nu.element_count()) != n ||
-      static_cast<int64_t>(scalars.element_count()) != 9 * members || members == 0 ||
+      static_cast<int64_t>(scalars.element_count()) != kScalars * members || members == 0 ||
       n % members != 0)
     return ffi::Error::InvalidArgument(
-        "adamw: params, grads, mu, nu sizes differ, or scalars are not [members, 9]");
+        "adamw: params, grads, mu, nu sizes differ, or scalars are not [members, 10]");
   const int64_t per_member = n / members;
   const float* p = params.typed_data();
   const float* g = grads.typed_data();
@@ -71,12 +78,20 @@ ffi::Error AdamW(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> params, ffi::Buffer
   auto job = [&] {
     phases.run(0, members * member_chunks, [&](int64_t q) {
       const int64_t member = q / member_chunks;
-      const float* s = scalars.typed_data() + 9 * member;
+      const float* s = scalars.typed_data() + kScalars * member;
       const float neg_lr = s[0], a1 = s[1], b1 = s[2], a2 = s[3], b2 = s[4], eps = s[5],
                   wd = s[6], c1 = s[7], c2 = s[8];
       const int64_t base = member * per_member;
+      const int64_t begin = base + q % member_chunks * kChunk;
       const int64_t end = base + std::min(per_member, (q % member_chunks + 1) * kChunk);
-      for (int64_t i = base + q % member_chunks * kChunk; i < end; i += kVec) {
+      if (s[9] != 0.0f) {  // kept: the outputs are the inputs (copied unless aliased)
+        const size_t bytes = static_cast<size_t>(end - begin) * sizeof(float);
+        if (p2 != p) std::memcpy(p2 + begin, p + begin, bytes);
+        if (m2 != m) std::memcpy(m2 + begin, m + begin, bytes);
+        if (v2 != v) std::memcpy(v2 + begin, v + begin, bytes);
+        return;
+      }
+      for (int64_t i = begin; i < end; i += kVec) {
         const int64_t k = std::min<int64_t>(kVec, end - i);
         const vf gv = load_n(g + i, k), pv = load_n(p + i, k);
         const vf mv = splat(a1) * gv + splat(b1) * load_n(m + i, k);
@@ -101,7 +116,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibAdamW, AdamW,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grads
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mu
                                   .Arg<ffi::Buffer<ffi::F32>>()  // nu
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scalars [members, 9]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scalars [members, 10]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // params'
                                   .Ret<ffi::Buffer<ffi::F32>>()  // mu'
                                   .Ret<ffi::Buffer<ffi::F32>>());  // nu'
