@@ -73,7 +73,7 @@ from nnlib.runtime import env_enabled
 
 NATIVE_DIR = Path(__file__).parent / "native"
 SOURCES = (NATIVE_DIR / "lstm.cc", NATIVE_DIR / "attention.cc", NATIVE_DIR / "layernorm.cc",
-           NATIVE_DIR / "conv.cc", NATIVE_DIR / "adamw.cc")
+           NATIVE_DIR / "conv.cc", NATIVE_DIR / "adamw.cc", NATIVE_DIR / "copy.cc")
 HEADERS = (NATIVE_DIR / "common.h",)
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fno-math-errno",
          "-pthread", "-w")
@@ -89,6 +89,7 @@ TARGETS = {
     "nnlib_conv_weight_gradient": "NnlibConvWeightGradient",
     "nnlib_conv_weight_gradient_taps": "NnlibConvWeightGradientTaps",
     "nnlib_adamw": "NnlibAdamW",
+    "nnlib_copy": "NnlibCopy",
 }
 _FORWARD, _BACKWARD = "nnlib_lstm_forward", "nnlib_lstm_backward"
 _lock = threading.Lock()
@@ -978,3 +979,40 @@ def adamw_update(params: Array, grads: Array, mu: Array, nu: Array,
     """
     _require()
     return _adamw(params, grads, mu, nu, scalars)
+
+
+# --------------------------------------------------------------------------- #
+# An identity XLA cannot fuse through.
+# --------------------------------------------------------------------------- #
+
+_materialize_p = Primitive("nnlib_materialize")
+_materialize_p.def_impl(lambda x: x)
+_materialize_p.def_abstract_eval(lambda x: x)
+ad.deflinear2(_materialize_p, lambda ct, x: [materialize(ad.instantiate_zeros(ct))])
+batching.primitive_batchers[_materialize_p] = lambda args, dims: (materialize(args[0]), dims[0])
+
+
+def _materialize_lowering(ctx, x):
+    if not available():  # nothing to call: the identity
+        return [x]
+    return mlir.lower_fun(
+        lambda x: jax.ffi.ffi_call("nnlib_copy", jax.ShapeDtypeStruct(x.shape, x.dtype))(x),
+        multiple_results=False)(ctx, x)
+
+
+mlir.register_lowering(_materialize_p, lambda ctx, x: [x])
+mlir.register_lowering(_materialize_p, _materialize_lowering, platform="cpu")
+
+
+def materialize(x: Array) -> Array:
+    """``x`` itself, formed once where XLA would otherwise fuse its producers
+    into a larger consumer and recompute them per element of it (see
+    ``native/copy.cc``).
+
+    On the CPU with the kernels built it is a copy XLA cannot fuse through (an
+    FFI call); elsewhere, and without the kernels, the identity. Linear: its
+    derivative and its transpose are ``materialize`` again, so a cotangent
+    passing back through it is formed once as well; under ``jax.vmap`` one
+    call copies the batch.
+    """
+    return _materialize_p.bind(x)
