@@ -996,7 +996,8 @@ def _materialize_lowering(ctx, x):
     if not available():  # nothing to call: the identity
         return [x]
     return mlir.lower_fun(
-        lambda x: jax.ffi.ffi_call("nnlib_copy", jax.ShapeDtypeStruct(x.shape, x.dtype))(x),
+        lambda x: jax.ffi.ffi_call("nnlib_copy", jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                   input_output_aliases={0: 0})(x),
         multiple_results=False)(ctx, x)
 
 

@@ -9,7 +9,9 @@
 // derivative: a bias add, a compare, a select) into the outer product,
 // computing them again for every input feature. Passed through this call,
 // the output gradient is formed once and read. (XLA's optimization barrier
-// does not stop it: XLA:CPU removes barriers before fusion.)
+// does not stop it: XLA:CPU removes barriers before fusion.) The output is
+// declared to alias the input, so where nothing else reads the input XLA
+// hands the call the same buffer and nothing is copied.
 
 #include <cstring>
 
