@@ -33,7 +33,10 @@ undilated, single-group convolutions take other paths, the same math:
   1.0-1.2 -> 0.39-0.41 ms; a 3-channel 32x32 layer to 64 features 4.4 ->
   2.1 ms).
 
-``experiments/bench/NOTES.md`` has the measurements.
+Both step aside while ``lax.conv_general_dilated`` is replaced by something
+that must see the convolution (``nnlib.compress``'s qwix quantization patches
+it; ``conv_intercepted``). ``experiments/bench/NOTES.md`` has the
+measurements.
 
 Options, per spatial axis (an int means the same on every axis):
 
@@ -110,6 +113,19 @@ def _check_conv_input(
 #: at 32 features: 9 taps 5.5x, 18 3.5x, 25 2.7x, 27 2.0x, 36 1.4x, 45 1.1x,
 #: 49 (7x7, 1 channel) 2.2x, 50 1.0x, 72 0.4x; ``experiments/bench/NOTES.md``).
 SHIFTED_CONV_MAX_TAPS = 49
+
+
+_LAX_CONV = lax.conv_general_dilated
+_LAX_CONV_CODE = _LAX_CONV.__code__
+
+
+def conv_intercepted() -> bool:
+    """Whether something has replaced ``lax.conv_general_dilated`` for now (a
+    quantization library such as qwix patches it while it transforms a
+    model): a convolution it is meant to see stays that call, not one of the
+    CPU paths."""
+    current = lax.conv_general_dilated
+    return current is not _LAX_CONV or getattr(current, "__code__", None) is not _LAX_CONV_CODE
 
 
 def shifted_conv_applies(x: Any, kernel: Any, pads: Any) -> bool:
@@ -248,7 +264,8 @@ class _Conv(nn.Module):
         )  # [*kernel_size, C / groups, F]
         dtype = self.dtype or x.dtype
         x, kernel = x.astype(dtype), kernel.astype(dtype)
-        plain = self.groups == 1 and set(strides) == {1} and set(dilation) == {1}
+        plain = (self.groups == 1 and set(strides) == {1} and set(dilation) == {1}
+                 and not conv_intercepted())
         # Both CPU paths see a 2-D convolution (a 1-D one over rows of height 1).
         x2 = x if n == 2 else x[:, None]
         kernel2 = kernel if n == 2 else kernel[None]

@@ -297,6 +297,28 @@ def test_shifted_conv_every_derivative():
           jax.vmap(jax.grad(loss(xla)), (0, None))(ensemble, x))
 
 
+def test_an_intercepted_convolution_stays_a_convolution(monkeypatch):
+    """While something replaces ``lax.conv_general_dilated`` (qwix does, to
+    quantize), the CPU paths step aside and the layer calls it."""
+    seen = []
+    original = jax.lax.conv_general_dilated
+
+    def intercepted(*args, **kwargs):
+        seen.append(args[1].shape)
+        return original(*args, **kwargs)
+
+    layer = Conv2D(4, 3)
+    x = jnp.asarray(normal((2, 6, 6, 1)))
+    params = numpy_variables(layer, x)["params"]
+    layer.apply({"params": params}, x)
+    assert not seen  # the shifted products
+    monkeypatch.setattr(jax.lax, "conv_general_dilated", intercepted)
+    y = layer.apply({"params": params}, x)
+    assert seen == [(3, 3, 1, 4)]
+    monkeypatch.undo()
+    np.testing.assert_allclose(y, layer.apply({"params": params}, x), rtol=1e-5, atol=1e-5)
+
+
 def test_shifted_products_only_where_they_apply():
     """Strided, dilated, grouped, many-tap (3x3 over 8 channels), bfloat16 and
     float64 convolutions stay XLA's convolution."""
