@@ -800,10 +800,8 @@ def _conv_weight_gradient(x, dy, kernel_shape, padding):
     if x.shape[-1] % CONV_CHANNEL_MULTIPLE == 0:
         out = jax.ffi.ffi_call("nnlib_conv_weight_gradient", result, vmap_method="sequential")(
             x, dy, pad_top=np.int64(top), pad_left=np.int64(left))
-    else:  # few taps: the input padded (to exactly the output's reach) by XLA
-        kh, kw = kernel_shape[:2]
+    else:  # few taps: the input padded by XLA (the kernel checks it spans dy exactly)
         x_pad = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-        x_pad = x_pad[:, :dy.shape[1] + kh - 1, :dy.shape[2] + kw - 1]
         out = jax.ffi.ffi_call("nnlib_conv_weight_gradient_taps", result,
                                vmap_method="sequential")(x_pad, dy)
     return _vary_as((x, dy), out)
