@@ -534,6 +534,15 @@ def test_conv_weight_gradient_matches_xla(native, shape, kernel, padding):
     np.testing.assert_array_equal(np.asarray(native_dw(x, dy)), np.asarray(got))
 
 
+def test_few_tap_weight_gradient_rejects_an_output_gradient_of_the_wrong_size(native):
+    """The few-tap kernel checks that ``dy`` is the convolution's output size."""
+    x = jnp.ones((2, 6, 6, 1), jnp.float32)
+    dy = jnp.ones((2, 5, 6, 4), jnp.float32)  # SAME padding gives 6 x 6
+    with pytest.raises(Exception, match="sizes disagree"):
+        jax.block_until_ready(_native.conv_weight_gradient(x, dy, (3, 3, 1, 4),
+                                                           ((1, 1), (1, 1))))
+
+
 def test_conv_every_derivative(native):
     """Values and gradients equal XLA's; forward mode and second order by
     finite differences; per-example (vmap over data) and ensemble (vmap over
