@@ -761,8 +761,10 @@ def layer_norm(
 _CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
-def _conv_reference(x, kernel, *, padding):
-    """Stride 1, no dilation, one group, channels last (XLA's convolution)."""
+def conv_reference(x: Array, kernel: Array, *, padding: Any) -> Array:
+    """XLA's convolution, stride 1, no dilation, one group, channels last
+    (``NHWC``/``HWIO``): what the native paths compute, and their derivatives'
+    formulas."""
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
                                         dimension_numbers=_CONV_DIMENSIONS)
 
@@ -790,7 +792,7 @@ def conv_weight_gradient(x: Array, dy: Array, kernel_shape: tuple[int, ...],
 def _conv_weight_gradient_reference(x, dy, kernel_shape, padding):
     kernel = jax.ShapeDtypeStruct(kernel_shape, x.dtype)
     return jax.linear_transpose(
-        lambda k: _conv_reference(x, k, padding=padding), kernel)(dy)[0]
+        lambda k: conv_reference(x, k, padding=padding), kernel)(dy)[0]
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
@@ -820,7 +822,7 @@ _conv_kernel_tangent_p = Primitive("nnlib_conv_kernel_tangent")
 
 @_conv_kernel_tangent_p.def_abstract_eval
 def _conv_kernel_tangent_abstract_eval(x, dkernel, *, padding):
-    shape = jax.eval_shape(functools.partial(_conv_reference, padding=padding),
+    shape = jax.eval_shape(functools.partial(conv_reference, padding=padding),
                            jax.ShapeDtypeStruct(x.shape, x.dtype),
                            jax.ShapeDtypeStruct(dkernel.shape, dkernel.dtype))
     # x's aval reshaped (its rank and sharding are the output's).
@@ -833,7 +835,7 @@ def _conv_kernel_tangent_transpose(ct, x, dkernel, *, padding):
     ct = ad.instantiate_zeros(ct)
     if ad.is_undefined_primal(x):  # bilinear: x's transpose is XLA's
         grad = jax.linear_transpose(
-            lambda x_: _conv_reference(x_, dkernel, padding=padding), x.aval)(ct)[0]
+            lambda x_: conv_reference(x_, dkernel, padding=padding), x.aval)(ct)[0]
         return [_summed_like(x.aval, grad), None]
     grad = conv_weight_gradient(x, ct, dkernel.aval.shape, padding)
     return [None, _summed_like(dkernel.aval, grad)]
@@ -841,27 +843,27 @@ def _conv_kernel_tangent_transpose(ct, x, dkernel, *, padding):
 
 def _conv_kernel_tangent_batch(args, dims, *, padding):
     """XLA's convolution, vmapped: per-example gradients batch it as before."""
-    reference = functools.partial(_conv_reference, padding=padding)
+    reference = functools.partial(conv_reference, padding=padding)
     return jax.vmap(reference, in_axes=tuple(dims))(*args), 0
 
 
-_register_tangent(_conv_kernel_tangent_p, _conv_reference, _conv_kernel_tangent_transpose,
+_register_tangent(_conv_kernel_tangent_p, conv_reference, _conv_kernel_tangent_transpose,
                   _conv_kernel_tangent_batch)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _conv(x, kernel, padding):
-    return _conv_reference(x, kernel, padding=padding)
+    return conv_reference(x, kernel, padding=padding)
 
 
 @functools.partial(_conv.defjvp, symbolic_zeros=True)
 def _conv_jvp(padding, primals, tangents):
     x, kernel = primals
     dx, dkernel = tangents
-    y = _conv_reference(x, kernel, padding=padding)
+    y = conv_reference(x, kernel, padding=padding)
     terms = []
     if not isinstance(dx, SymbolicZero):
-        terms.append(_conv_reference(dx, kernel, padding=padding))
+        terms.append(conv_reference(dx, kernel, padding=padding))
     if not isinstance(dkernel, SymbolicZero):
         terms.append(_conv_kernel_tangent_p.bind(x, dkernel, padding=padding))
     return y, functools.reduce(jnp.add, terms)
@@ -900,12 +902,12 @@ def conv_kernel_tangent(x: Array, dkernel: Array, padding: tuple[tuple[int, int]
 
 def conv_applies(x: Any, kernel: Any, padding: Any) -> bool:
     """Whether ``conv`` takes its native weight gradient for these arguments:
-    float32 ``[B, H, W, C]`` with ``C`` a multiple of ``CONV_CHANNEL_MULTIPLE``,
-    non-negative padding, on the CPU with the kernels built."""
-    return (x.ndim == 4 and x.dtype == kernel.dtype == jnp.float32
-            and x.shape[-1] % CONV_CHANNEL_MULTIPLE == 0
+    float32 ``[B, H, W, C]`` with ``C`` a multiple of ``CONV_CHANNEL_MULTIPLE``
+    (the product over pixels; ``conv_weight_gradient_applies`` otherwise),
+    non-negative padding."""
+    return (kernel.dtype == jnp.float32 and x.shape[-1] % CONV_CHANNEL_MULTIPLE == 0
             and all(p >= 0 for pair in padding for p in pair)
-            and jax.default_backend() == "cpu" and available())
+            and conv_weight_gradient_applies(x, kernel.shape))
 
 
 def conv(x: Array, kernel: Array, padding: tuple[tuple[int, int], ...]) -> Array:

@@ -69,6 +69,7 @@ from nnlib.layers._checks import ShapeError, check_input, param_shape
 from nnlib.layers._native import conv as native_conv
 from nnlib.layers._native import conv_applies as _native_conv_applies
 from nnlib.layers._native import conv_kernel_tangent as _native_kernel_tangent
+from nnlib.layers._native import conv_reference
 from nnlib.layers._native import (
     conv_weight_gradient_applies as _native_weight_gradient_applies,
 )
@@ -139,11 +140,6 @@ def shifted_conv_applies(x: Any, kernel: Any, pads: Any) -> bool:
             and jax.default_backend() == "cpu")
 
 
-def _xla_conv(x: Array, kernel: Array, pads: Any) -> Array:
-    return lax.conv_general_dilated(x, kernel, (1, 1), pads,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
 def _shifted_products(x: Array, kernel: Array, pads: Any) -> Array:
     """``sum_{i,j,c} x_pad[:, i:i+OH, j:j+OW, c, None] * kernel[i, j, c]``: one
     elementwise pass over the output, which XLA fuses with the padding."""
@@ -176,11 +172,11 @@ def _shifted_conv_jvp(pads, primals, tangents):
     y = _shifted_conv(x, kernel, pads)
     terms = []
     if not isinstance(dx, SymbolicZero):
-        terms.append(_xla_conv(dx, kernel, pads))
+        terms.append(conv_reference(dx, kernel, padding=pads))
     if not isinstance(dkernel, SymbolicZero):
         native = _native_weight_gradient_applies(x, kernel.shape)
         terms.append(_native_kernel_tangent(x, dkernel, pads) if native
-                     else _xla_conv(x, dkernel, pads))
+                     else conv_reference(x, dkernel, padding=pads))
     return y, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
 
 
@@ -195,15 +191,6 @@ def shifted_conv(x: Array, kernel: Array, pads: Any) -> Array:
     kernel where ``nnlib.layers._native.conv_weight_gradient_applies``.
     """
     return _shifted_conv(x, kernel, tuple((int(lo), int(hi)) for lo, hi in pads))
-
-
-def native_conv_applies(x: Any, kernel: Any, pads: Any, spatial_axes: int) -> bool:
-    """Whether a stride-1, undilated, single-group convolution over
-    ``spatial_axes`` (1 or 2) takes the native kernel-gradient path."""
-    if spatial_axes == 1:  # shapes only: a [B, 1, W, C] input, padded by rows of nothing
-        x = jax.ShapeDtypeStruct((x.shape[0], 1, *x.shape[1:]), x.dtype)
-        pads = ((0, 0), *pads)
-    return spatial_axes in (1, 2) and _native_conv_applies(x, kernel, pads)
 
 
 class _Conv(nn.Module):
@@ -270,7 +257,7 @@ class _Conv(nn.Module):
         x2 = x if n == 2 else x[:, None]
         kernel2 = kernel if n == 2 else kernel[None]
         pads2 = tuple(pads) if n == 2 else ((0, 0), tuple(pads[0]))
-        if self.native and plain and native_conv_applies(x, kernel, pads, n):
+        if self.native and plain and _native_conv_applies(x2, kernel2, pads2):
             y = native_conv(x2, kernel2, pads2)
             y = y if n == 2 else y[:, 0]  # [B, *out_spatial, F]
         elif self.native and plain and shifted_conv_applies(x2, kernel2, pads2):
