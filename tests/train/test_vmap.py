@@ -11,6 +11,7 @@ compiles each program once for the whole file.
 """
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -22,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nnlib.layers import MLP
+from nnlib.layers import _native as native
 from nnlib.layers.conv import Conv2D
 from nnlib.train.state import TrainState
 from nnlib.train.step import classification_loss, make_train_step
@@ -232,6 +234,27 @@ def test_dp_sgd_without_noise_is_clipped_mean():
     np.testing.assert_allclose(metrics["per_example_grad_norm"], norms.mean(), rtol=1e-5)
     np.testing.assert_allclose(metrics["clipped_fraction"], np.mean(norms > clip))
     assert set(metrics) >= {"loss", "accuracy"}
+
+
+def _outer_products(hlo_text, shape):
+    """The multiplies of two different operands with result ``f32[shape]`` in a
+    compiled program: each is one formation of a per-example kernel gradient
+    (its outer product); squares (``x * x``, the norms) are not counted."""
+    pattern = r"= f32\[" + ",".join(map(str, shape)) + r"\]\{[\d,]*\} multiply\((%[\w.\-]+), (%[\w.\-]+)\)"
+    return [m for m in re.findall(pattern, hlo_text) if m[0] != m[1]]
+
+
+@pytest.mark.skipif(not native.available() or jax.default_backend() != "cpu",
+                    reason="materialize is the identity without the CPU kernels")
+def test_dp_sgd_forms_each_per_example_gradient_once():
+    """The norms and the weighted sum read one formed array: XLA:CPU formed the
+    outer products once for each consumer (two multiplies per kernel) before
+    the per-example gradients were materialized."""
+    state, batch, key = shared_state("mlp"), make_batch(), jax.random.key(3)
+    text = dp_sgd_gradients_jit.lower(
+        state, batch, key, l2_norm_clip=0.5, noise_multiplier=0.0).compile().as_text()
+    for shape in ((6, 5, 8), (6, 8, CLASSES)):  # the two kernels' per-example gradients
+        assert len(_outer_products(text, shape)) == 1, shape
 
 
 @pytest.mark.parametrize("shape", [(5,), (5, 3), (5, 4, 3), (5, 2, 3, 2)])
