@@ -856,17 +856,30 @@ def _conv(x, kernel, padding):
     return conv_reference(x, kernel, padding=padding)
 
 
-@functools.partial(_conv.defjvp, symbolic_zeros=True)
-def _conv_jvp(padding, primals, tangents):
-    x, kernel = primals
-    dx, dkernel = tangents
-    y = conv_reference(x, kernel, padding=padding)
+def conv_tangent(x: Array, kernel: Array, dx: Any, dkernel: Any,
+                 padding: tuple[tuple[int, int], ...]) -> Array:
+    """The tangent of a stride-1 convolution ``conv(x, kernel)`` (``NHWC``,
+    ``HWIO``) at tangents ``dx``, ``dkernel`` (either may be a ``SymbolicZero``,
+    not both): XLA's convolution of ``dx``, and ``conv_kernel_tangent``'s for
+    ``dkernel`` where ``conv_weight_gradient_applies`` and the padding is not
+    negative (reverse mode then transposes it into the native weight
+    gradient), else XLA's convolution of ``dkernel``. The derivative rule of
+    ``conv`` and of ``nnlib.layers.conv.shifted_conv``."""
     terms = []
     if not isinstance(dx, SymbolicZero):
         terms.append(conv_reference(dx, kernel, padding=padding))
     if not isinstance(dkernel, SymbolicZero):
-        terms.append(_conv_kernel_tangent_p.bind(x, dkernel, padding=padding))
-    return y, functools.reduce(jnp.add, terms)
+        native = (conv_weight_gradient_applies(x, kernel.shape)
+                  and all(p >= 0 for pair in padding for p in pair))
+        terms.append(_conv_kernel_tangent_p.bind(x, dkernel, padding=padding) if native
+                     else conv_reference(x, dkernel, padding=padding))
+    return functools.reduce(jnp.add, terms)
+
+
+@functools.partial(_conv.defjvp, symbolic_zeros=True)
+def _conv_jvp(padding, primals, tangents):
+    x, kernel = primals
+    return conv_reference(x, kernel, padding=padding), conv_tangent(x, kernel, *tangents, padding)
 
 
 #: Input channels must be a multiple of this for the native weight gradient

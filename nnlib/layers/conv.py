@@ -62,17 +62,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float
 
 from nnlib.layers._checks import ShapeError, check_input, param_shape
 from nnlib.layers._native import conv as native_conv
 from nnlib.layers._native import conv_applies as _native_conv_applies
-from nnlib.layers._native import conv_kernel_tangent as _native_kernel_tangent
-from nnlib.layers._native import conv_reference
-from nnlib.layers._native import (
-    conv_weight_gradient_applies as _native_weight_gradient_applies,
-)
+from nnlib.layers._native import conv_tangent as native_conv_tangent
 from nnlib.layers.activations import get_activation
 from nnlib.layers.normalization import BatchNorm, Dropout, LayerNorm
 from nnlib.layers.pooling import (
@@ -167,17 +162,9 @@ def _shifted_conv_jvp(pads, primals, tangents):
     # native where the kernels are built (``_native.conv_weight_gradient``'s
     # few-tap kernel), else XLA's. The shifted products' own transposes (a
     # reduction over the batch per tap) ran 3-4x slower than XLA's.
+    # (JAX calls the rule with at least one perturbed input.)
     x, kernel = primals
-    dx, dkernel = tangents
-    y = _shifted_conv(x, kernel, pads)
-    terms = []
-    if not isinstance(dx, SymbolicZero):
-        terms.append(conv_reference(dx, kernel, padding=pads))
-    if not isinstance(dkernel, SymbolicZero):
-        native = _native_weight_gradient_applies(x, kernel.shape)
-        terms.append(_native_kernel_tangent(x, dkernel, pads) if native
-                     else conv_reference(x, dkernel, padding=pads))
-    return y, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
+    return _shifted_conv(x, kernel, pads), native_conv_tangent(x, kernel, *tangents, pads)
 
 
 def shifted_conv(x: Array, kernel: Array, pads: Any) -> Array:
