@@ -170,6 +170,7 @@ def build_minilm(name: str, spec: dict[str, Any], data: dict[str, np.ndarray]) -
     holder: dict[str, Any] = {}
 
     def step() -> None:
+        holder.pop("out", None)  # as PyTorch's runner, keep no result across calls
         holder["out"] = forward(variables, tokens)
 
     def sync() -> None:
@@ -194,6 +195,7 @@ def build_generate(name: str, spec: dict[str, Any], data: dict[str, np.ndarray])
     holder: dict[str, Any] = {}
 
     def step() -> None:
+        holder.pop("out", None)  # as PyTorch's runner, keep no result across calls
         holder["out"] = generate(model, variables, prompt, new, key=key, greedy=True)
 
     def sync() -> None:
