@@ -947,11 +947,12 @@ def conv(x: Array, kernel: Array, padding: tuple[tuple[int, int], ...]) -> Array
 
 
 def _adamw_reference(params, grads, mu, nu, scalars):
-    """``native/adamw.cc``'s arithmetic in XLA's operations (optax's, in its order)."""
+    """``native/adamw.cc``'s arithmetic in XLA's operations (optax's, in its
+    order, the bias corrections multiplied by their reciprocals)."""
     neg_lr, a1, b1, a2, b2, eps, wd, c1, c2, keep = (scalars[i] for i in range(10))
     new_mu = a1 * grads + b1 * mu
     new_nu = a2 * (grads * grads) + b2 * nu
-    update = (new_mu / c1) / (jnp.sqrt(new_nu / c2) + eps) + wd * params
+    update = (new_mu * (1 / c1)) / (jnp.sqrt(new_nu * (1 / c2)) + eps) + wd * params
     new_params = params + neg_lr * update
     kept = keep != 0
     return (jnp.where(kept, params, new_params), jnp.where(kept, mu, new_mu),

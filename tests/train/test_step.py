@@ -475,6 +475,27 @@ def test_fused_adamw_equals_optax(learning_rate):
 
 
 @needs_native
+def test_fused_adamw_kernel_is_its_reference_formula():
+    """The kernel computes ``_adamw_reference``'s arithmetic (the formula its
+    forward-mode derivative differentiates): optax's, the bias corrections
+    multiplied by their reciprocals; to a rounding, on any vector width."""
+    from nnlib.layers import _native
+
+    keys = jax.random.split(jax.random.key(5), 4)
+    shape = (300, 70)  # not a whole number of vectors or chunks
+    params, grads, mu = (jax.random.normal(k, shape) for k in keys[:3])
+    nu = jnp.abs(jax.random.normal(keys[3], shape))
+    scalars = jnp.array([-1e-2, 0.1, 0.9, 1e-3, 0.999, 1e-8, 0.01, 0.19, 0.002997, 0.0],
+                        jnp.float32)
+    got = jax.jit(_native.adamw_update)(params, grads, mu, nu, scalars)
+    want = jax.jit(_native._adamw_reference)(params, grads, mu, nu, scalars)
+    for a, b in zip(got, want, strict=True):
+        # atol: a rounding of the inputs (normals, |x| < 8), where a fused
+        # multiply-add in one of them and not the other changes the last bit.
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=3e-7, atol=5e-7)
+
+
+@needs_native
 def test_fused_adamw_in_the_train_step_under_vmap_and_grad():
     """``TrainState.apply_gradients`` takes ``apply``; a vmapped ensemble of
     states and a gradient through the update equal optax's."""
