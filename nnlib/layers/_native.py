@@ -871,7 +871,7 @@ def conv_tangent(x: Array, kernel: Array, dx: Any, dkernel: Any,
     if not isinstance(dkernel, SymbolicZero):
         native = (conv_weight_gradient_applies(x, kernel.shape)
                   and all(p >= 0 for pair in padding for p in pair))
-        terms.append(_conv_kernel_tangent_p.bind(x, dkernel, padding=padding) if native
+        terms.append(conv_kernel_tangent(x, dkernel, padding) if native
                      else conv_reference(x, dkernel, padding=padding))
     return functools.reduce(jnp.add, terms)
 
