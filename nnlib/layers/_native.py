@@ -861,17 +861,16 @@ def conv_tangent(x: Array, kernel: Array, dx: Any, dkernel: Any,
     """The tangent of a stride-1 convolution ``conv(x, kernel)`` (``NHWC``,
     ``HWIO``) at tangents ``dx``, ``dkernel`` (either may be a ``SymbolicZero``,
     not both): XLA's convolution of ``dx``, and ``conv_kernel_tangent``'s for
-    ``dkernel`` where ``conv_weight_gradient_applies`` and the padding is not
-    negative (reverse mode then transposes it into the native weight
-    gradient), else XLA's convolution of ``dkernel``. The derivative rule of
+    ``dkernel`` where ``conv_kernel_tangent_applies`` (reverse mode then
+    transposes it into the native weight gradient), else XLA's convolution of
+    ``dkernel``. The derivative rule of
     ``conv`` and of ``nnlib.layers.conv.shifted_conv``."""
     terms = []
     if not isinstance(dx, SymbolicZero):
         terms.append(conv_reference(dx, kernel, padding=padding))
     if not isinstance(dkernel, SymbolicZero):
-        native = (conv_weight_gradient_applies(x, kernel.shape)
-                  and all(p >= 0 for pair in padding for p in pair))
-        terms.append(conv_kernel_tangent(x, dkernel, padding) if native
+        terms.append(conv_kernel_tangent(x, dkernel, padding)
+                     if conv_kernel_tangent_applies(x, kernel.shape, padding)
                      else conv_reference(x, dkernel, padding=padding))
     return functools.reduce(jnp.add, terms)
 
@@ -904,11 +903,17 @@ def conv_weight_gradient_applies(x: Any, kernel_shape: tuple[int, ...]) -> bool:
             and jax.default_backend() == "cpu" and available())
 
 
+def conv_kernel_tangent_applies(x: Any, kernel_shape: tuple[int, ...], padding: Any) -> bool:
+    """Whether ``conv_kernel_tangent`` takes these arguments:
+    ``conv_weight_gradient_applies`` and non-negative ``padding``."""
+    return (conv_weight_gradient_applies(x, kernel_shape)
+            and all(p >= 0 for pair in padding for p in pair))
+
+
 def conv_kernel_tangent(x: Array, dkernel: Array, padding: tuple[tuple[int, int], ...]) -> Array:
     """``conv(x, dkernel)`` (stride 1, ``NHWC``/``HWIO``) as a tangent linear in
     ``dkernel``: evaluated as XLA's convolution, transposed (reverse mode) by
-    ``conv_weight_gradient``. Needs ``conv_weight_gradient_applies`` and
-    non-negative ``padding``."""
+    ``conv_weight_gradient``. Needs ``conv_kernel_tangent_applies``."""
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     return _conv_kernel_tangent_p.bind(x, dkernel, padding=padding)
 
@@ -919,8 +924,7 @@ def conv_applies(x: Any, kernel: Any, padding: Any) -> bool:
     (the product over pixels; ``conv_weight_gradient_applies`` otherwise),
     non-negative padding."""
     return (kernel.dtype == jnp.float32 and x.shape[-1] % CONV_CHANNEL_MULTIPLE == 0
-            and all(p >= 0 for pair in padding for p in pair)
-            and conv_weight_gradient_applies(x, kernel.shape))
+            and conv_kernel_tangent_applies(x, kernel.shape, padding))
 
 
 def conv(x: Array, kernel: Array, padding: tuple[tuple[int, int], ...]) -> Array:

@@ -143,7 +143,8 @@ def _fused_adamw(opt: Any, learning_rate: float | optax.Schedule, b1: float, b2:
         new_params = optax.apply_updates(params, updates)
         adam, _, lr_state = opt_state
         # The step's scalars as optax computes them (its bias corrections from
-        # the incremented count, the learning rate from the schedule's count).
+        # the incremented count, the learning rate from the schedule's count);
+        # the count is read before a kept step selects the old state back.
         count = new_state[0].count
         if keep is not None:
             new_params, new_state = kept_where(keep, (params, opt_state), (new_params, new_state))

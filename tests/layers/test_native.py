@@ -613,6 +613,24 @@ def test_conv_layers_take_the_native_gradient_where_it_applies(native):
         assert "nnlib_" not in grads(layer, x)[2]
 
 
+def test_conv_kernel_tangent_applies_by_its_rule(native):
+    """The kernel tangent (and ``conv``'s native path, which also needs 16k
+    channels) applies to float32 inputs with 16k channels or at most 49 taps
+    and non-negative padding, nothing else."""
+    f32 = jax.ShapeDtypeStruct((2, 9, 7, 16), jnp.float32)
+    few = jax.ShapeDtypeStruct((2, 9, 7, 3), jnp.float32)
+    kernel16, kernel3 = jnp.zeros((3, 3, 16, 8)), jnp.zeros((3, 3, 3, 8))
+    same, negative = ((1, 1), (1, 1)), ((1, 1), (-1, 1))
+    applies = _native.conv_kernel_tangent_applies
+    assert applies(f32, kernel16.shape, same) and applies(few, kernel3.shape, same)
+    assert not applies(f32, kernel16.shape, negative)
+    assert not applies(jax.ShapeDtypeStruct((2, 9, 7, 8), jnp.float32), (3, 3, 8, 8), same)
+    assert not applies(jax.ShapeDtypeStruct((2, 9, 7, 16), jnp.bfloat16), kernel16.shape, same)
+    assert _native.conv_applies(f32, kernel16, same)
+    assert not _native.conv_applies(f32, kernel16, negative)
+    assert not _native.conv_applies(few, kernel3, same)  # few taps: the shifted path's
+
+
 # --------------------------------------------------------------------------- #
 # materialize: an identity XLA cannot fuse through.
 # --------------------------------------------------------------------------- #
