@@ -120,10 +120,24 @@ def seconds_per_step(runner: Runner, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def steps_per_block(runner: Runner, target_s: float, max_steps: int = 1000) -> int:
-    """How many steps make one timed block of about ``target_s`` seconds
-    (one step timed on its own, warm)."""
-    one = seconds_per_step(runner, 1)
+def steps_per_block(runner: Runner, target_s: float, max_steps: int = 1000,
+                    probe_s: float | None = None) -> int:
+    """How many steps make one timed block of about ``target_s`` seconds.
+
+    The rate comes from runs of 1, 2, 4, … warm steps, the last of which
+    takes at least ``probe_s`` (a quarter of ``target_s`` unless given): one
+    step timed on its own overstates a fast step (its dispatch and wait are
+    not overlapped, a step after a pause can run slow), which once made the
+    MLP's blocks 0.1-0.2 s instead of 0.4, and one framework's blocks half
+    the other's.
+    """
+    probe_s = target_s / 4 if probe_s is None else probe_s
+    steps = 1
+    while True:
+        one = seconds_per_step(runner, steps)
+        if one * steps >= probe_s or steps >= max_steps:
+            break
+        steps = min(2 * steps, max_steps)
     return max(1, min(max_steps, round(target_s / max(one, 1e-9))))
 
 

@@ -378,6 +378,20 @@ def test_time_cap_stops_after_the_minimum_rounds():
     assert len(summary["seconds"]) == 3 and len(calls) == 6
 
 
+def test_block_size_comes_from_the_steady_rate_not_one_slow_first_step(monkeypatch):
+    clock = [0.0]
+    costs = iter([0.02] + [0.002] * 1000)  # the first step slow, then 2 ms each
+
+    def step():
+        clock[0] += next(costs)
+
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: clock[0])
+    fake = runner.Runner("fake", "nnlib", step=step, sync=lambda: None,
+                         num_params=0, items_per_step=1)
+    # 1 step (20 ms), then 2, 4, ... until a run takes 50 ms: 32 steps of 2 ms.
+    assert runner.steps_per_block(fake, target_s=0.2) == 100
+
+
 # --- the GPU section (experiments/bench/gpu.py), smoke-tested on the CPU ---------
 
 
