@@ -24,7 +24,6 @@ PyTorch build) from ``runner.make_data``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench.runner import OPTIMIZER, SPECS, Runner, timed_call
+from nnlib.layers._native import turned_off
 from nnlib.models import CNN, GPT, GPTConfig, MLPClassifier, RNNClassifier, generate
 from nnlib.models.bert import Bert, BertConfig
 from nnlib.train import TrainState, make_optimizer, make_train_step, num_params
@@ -55,18 +55,11 @@ def xla_flops(jitted: Callable[..., Any], *args: Any) -> float | None:
 
 def xla_flops_of_the_math(make_step: Callable[[], Any], *args: Any) -> float | None:
     """FLOPs of ``make_step()``'s program traced with nnlib's native kernels
-    off (``NNLIB_NATIVE=0``): the same math as XLA programs, which its cost
-    analysis counts; it cannot see inside a native call (the GPT's attention,
-    the CNN's kernel gradients). Lowered and compiled, never run."""
-    previous = os.environ.get("NNLIB_NATIVE")
-    os.environ["NNLIB_NATIVE"] = "0"
-    try:
+    off (``nnlib.layers._native.turned_off``): the same math as XLA programs,
+    which its cost analysis counts; it cannot see inside a native call (the
+    GPT's attention, the CNN's kernel gradients). Lowered and compiled, never run."""
+    with turned_off():
         return xla_flops(train_jit(make_step()), *args)
-    finally:
-        if previous is None:
-            del os.environ["NNLIB_NATIVE"]
-        else:
-            os.environ["NNLIB_NATIVE"] = previous
 
 
 def optimizer() -> Any:

@@ -1,5 +1,5 @@
 """Native CPU kernels, compiled on first use: the LSTM recurrence, attention, LayerNorm,
-a convolution's kernel gradient, AdamW's update.
+a convolution's kernel gradient, AdamW's update, narrow products, sums of squares.
 
 XLA runs a recurrent layer as a ``lax.scan`` of separate operations: every
 step hands a small matmul to the CPU's matmul library and the gates to a
@@ -27,7 +27,11 @@ benchmark GPT's train step from 0.80-0.84 of PyTorch's to 0.99-1.04.
 stride 1, 16k input channels): a product over pixels with the patches
 gathered as it goes, where XLA:CPU transposes its operands into a
 convolution over the batch. ``native/adamw.cc`` is one AdamW step of an
-array in one pass (``nnlib.train.optim.FusedAdamW``).
+array in one pass (``nnlib.train.optim.FusedAdamW``). ``native/narrow.cc``
+runs the three products of a dense layer with a few outputs (a classifier
+head) on the calling thread, and ``native/sumsq.cc`` a gradient's squared
+norm (the train step's guard): work of tens of microseconds that XLA:CPU
+splits over its pool and then waits on.
 The kernels run on XLA's own intra-op thread pool (the FFI's ``ThreadPool``).
 
 The kernels are C++ source shipped with the package. ``available()``
@@ -46,6 +50,7 @@ below). Under ``jax.vmap`` a call runs once per element of the mapped axis.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -57,7 +62,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +78,8 @@ from nnlib.runtime import env_enabled
 
 NATIVE_DIR = Path(__file__).parent / "native"
 SOURCES = (NATIVE_DIR / "lstm.cc", NATIVE_DIR / "attention.cc", NATIVE_DIR / "layernorm.cc",
-           NATIVE_DIR / "conv.cc", NATIVE_DIR / "adamw.cc", NATIVE_DIR / "copy.cc")
+           NATIVE_DIR / "conv.cc", NATIVE_DIR / "adamw.cc", NATIVE_DIR / "copy.cc",
+           NATIVE_DIR / "narrow.cc", NATIVE_DIR / "sumsq.cc")
 HEADERS = (NATIVE_DIR / "common.h",)
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fno-math-errno",
          "-pthread", "-w")
@@ -90,6 +96,8 @@ TARGETS = {
     "nnlib_conv_weight_gradient_taps": "NnlibConvWeightGradientTaps",
     "nnlib_adamw": "NnlibAdamW",
     "nnlib_copy": "NnlibCopy",
+    "nnlib_narrow_matmul": "NnlibNarrowMatmul",
+    "nnlib_sum_of_squares": "NnlibSumOfSquares",
 }
 _FORWARD, _BACKWARD = "nnlib_lstm_forward", "nnlib_lstm_backward"
 _lock = threading.Lock()
@@ -156,11 +164,52 @@ def build(cxx: str | None = None, cache_dir: Path | None = None) -> tuple[Path |
     return library, ""
 
 
+def _trace_state() -> Any:
+    """A JAX configuration state, part of the jit cache key and the trace
+    context, that ``turned_off`` sets: a function traced with the kernels on
+    is traced again inside the block, not taken from JAX's caches. (JAX has
+    no public way to define one; where its private one is missing, a
+    thread-local flag that the caches do not see.)"""
+    try:
+        from jax._src import config as jax_config
+
+        return jax_config.bool_state(
+            "nnlib_native_kernels", True,
+            help="nnlib: trace nnlib's native CPU kernels (False inside "
+                 "nnlib.layers._native.turned_off()).",
+            include_in_jit_key=True, include_in_trace_context=True)
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover - other JAX versions
+        return None
+
+
+_TRACE_STATE = _trace_state()
+_off = threading.local()
+
+
+@contextlib.contextmanager
+def turned_off() -> Iterator[None]:
+    """Within the block (on this thread) ``available()`` is ``False``: what is
+    traced there is XLA's operations alone, the same math, even for a
+    function traced before with the kernels. XLA's cost analysis counts no
+    work inside a native call, so FLOP counts trace the program this way
+    (``nnlib.compress.cost``)."""
+    depth = getattr(_off, "depth", 0)
+    _off.depth = depth + 1
+    try:
+        if _TRACE_STATE is None:
+            yield
+        else:
+            with _TRACE_STATE(False):
+                yield
+    finally:
+        _off.depth = depth
+
+
 def available() -> bool:
     """Whether the native kernels are built and registered with XLA (builds them
-    on the first call; ``False`` with ``NNLIB_NATIVE=0`` or when they cannot be
-    built, the reason in ``reason()``)."""
-    if not env_enabled("NNLIB_NATIVE"):
+    on the first call; ``False`` with ``NNLIB_NATIVE=0``, inside ``turned_off()``
+    or when they cannot be built, the reason in ``reason()``)."""
+    if not env_enabled("NNLIB_NATIVE") or getattr(_off, "depth", 0):
         return False
     with _lock:
         if _state["loaded"] is None:
@@ -997,6 +1046,172 @@ def adamw_update(params: Array, grads: Array, mu: Array, nu: Array,
     """
     _require()
     return _adamw(params, grads, mu, nu, scalars)
+
+
+# --------------------------------------------------------------------------- #
+# Products with a narrow side: a classifier head's three matmuls.
+# --------------------------------------------------------------------------- #
+#
+# ``native/narrow.cc`` runs, on the calling thread, the three products of a
+# dense layer with at most ``NARROW_MAX_WIDTH`` outputs (``mode``: 0 the
+# forward ``x W``, 1 the input gradient ``dy W^T``, 2 the weight gradient
+# ``x^T dy``), where XLA:CPU's libraries split a few million multiply-adds
+# over the thread pool and wait on it longer than the arithmetic takes.
+# ``_narrow_p`` is bilinear and closed under transposition: each mode's
+# transposes are the other two modes of the same sizes, so every derivative
+# order stays native.
+
+#: The widest narrow side (outputs of the layer) the kernel takes.
+NARROW_MAX_WIDTH = 16
+#: Products of more multiply-adds than this run in XLA, on every thread
+#: (~70 us on one core at the benchmark machine's rate).
+NARROW_MAX_MACS = 1 << 23
+
+
+def _narrow_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], mode: int) -> tuple[int, int]:
+    (m, a1), (b0, b1) = a_shape, b_shape
+    if mode == 0 and a1 == b0:  # [m, k] @ [k, n]
+        return m, b1
+    if mode == 1 and a1 == b1:  # [m, n] @ [k, n]^T
+        return m, b0
+    if mode == 2 and m == b0:  # [m, k]^T @ [m, n]
+        return a1, b1
+    raise TypeError(f"nnlib_narrow_matmul mode {mode}: operand shapes {a_shape} and {b_shape} "
+                    "do not match")
+
+
+def _narrow_reference(a: Array, b: Array, *, mode: int) -> Array:
+    """The product in XLA (one ``dot_general``, no transposes)."""
+    contract = {0: ((1,), (0,)), 1: ((1,), (1,)), 2: ((0,), (0,))}[mode]
+    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _narrow_call(a: Array, b: Array, *, mode: int) -> Array:
+    shape = _narrow_shape(a.shape, b.shape, mode)
+    out = jax.ffi.ffi_call("nnlib_narrow_matmul", jax.ShapeDtypeStruct(shape, jnp.float32))(
+        a, b, mode=np.int64(mode))
+    return _vary_as((a, b), out)
+
+
+_narrow_p = Primitive("nnlib_narrow_matmul")
+
+
+@_narrow_p.def_abstract_eval
+def _narrow_abstract_eval(a, b, *, mode):
+    if a.ndim != 2 or b.ndim != 2 or a.dtype != jnp.float32 or b.dtype != jnp.float32:
+        raise TypeError(f"nnlib_narrow_matmul: float32 matrices, got {a} and {b}")
+    # a's aval reshaped (its rank and sharding are the output's).
+    return _varying_like(a.update(shape=_narrow_shape(a.shape, b.shape, mode)), (a, b))
+
+
+def _narrow_product(a: Array, b: Array, mode: int) -> Array:
+    """Mode ``mode``'s product: natively where ``narrow_matmul_applies``, else XLA's."""
+    (m, a1), (b0, b1) = a.shape, b.shape
+    k, n = {0: (a1, b1), 1: (b0, a1), 2: (a1, b1)}[mode]
+    if narrow_matmul_applies(m, k, n, a.dtype, b.dtype):
+        return _narrow_p.bind(a, b, mode=mode)
+    return _narrow_reference(a, b, mode=mode)
+
+
+# C = A B: dA = ct B^T (1), dB = A^T ct (2). C = A B^T: dA = ct B (0), dB =
+# ct^T A (2). C = A^T B: dA = B ct^T (1), dB = A ct (0).
+def _narrow_transpose_a(ct, a, b, *, mode):
+    ct = ad.instantiate_zeros(ct)
+    grad = _narrow_product(b, ct, 1) if mode == 2 else _narrow_product(ct, b, 1 - mode)
+    return _summed_like(a.aval, grad)
+
+
+def _narrow_transpose_b(ct, a, b, *, mode):
+    ct = ad.instantiate_zeros(ct)
+    grad = {0: lambda: _narrow_product(a, ct, 2), 1: lambda: _narrow_product(ct, a, 2),
+            2: lambda: _narrow_product(a, ct, 0)}[mode]()
+    return _summed_like(b.aval, grad)
+
+
+ad.defbilinear(_narrow_p, _narrow_transpose_a, _narrow_transpose_b)
+
+
+def _narrow_batch(args, dims, *, mode):
+    a, b = args
+    da, db = dims
+    if db is None and mode in (0, 1):
+        # A batch of row blocks of A is one taller product.
+        a = jnp.moveaxis(a, da, 0)
+        batch, rows, width = a.shape
+        out = _narrow_product(a.reshape(batch * rows, width), b, mode)
+        return out.reshape(batch, rows, -1), 0
+    # Otherwise one call per element (an ensemble's kernels, per-example
+    # weight gradients): each the product the unbatched program computes.
+    return _map_batch(_narrow_p)(args, dims, mode=mode)
+
+
+batching.primitive_batchers[_narrow_p] = _narrow_batch
+_narrow_p.def_impl(_narrow_call)
+mlir.register_lowering(_narrow_p, mlir.lower_fun(_narrow_reference, multiple_results=False))
+mlir.register_lowering(_narrow_p, mlir.lower_fun(_narrow_call, multiple_results=False),
+                       platform="cpu")
+
+
+def narrow_matmul_applies(m: int, k: int, n: int, a_dtype: Any = jnp.float32,
+                          b_dtype: Any = jnp.float32) -> bool:
+    """Whether ``[m, k] @ [k, n]`` (and its two transposed products) runs in
+    ``native/narrow.cc``: float32, ``n <= NARROW_MAX_WIDTH``, at most
+    ``NARROW_MAX_MACS`` multiply-adds, on the CPU with the kernels built."""
+    return (a_dtype == jnp.float32 and b_dtype == jnp.float32 and 0 < n <= NARROW_MAX_WIDTH
+            and m * k * n <= NARROW_MAX_MACS and jax.default_backend() == "cpu"
+            and available())
+
+
+def narrow_matmul(x: Array, kernel: Array) -> Array:
+    """``x @ kernel`` for ``x: [m, k]`` and a narrow ``kernel: [k, n]``, natively
+    where ``narrow_matmul_applies``, else XLA's product.
+
+    Every derivative is a product of the same three (``x @ kernel``,
+    ``dy @ kernel^T``, ``x^T @ dy``), natively too; under ``jax.vmap`` a
+    batched ``x`` folds into the rows of one product, other batchings run one
+    call per element, so a vmapped program computes what the unbatched one
+    does, bit for bit.
+    """
+    return _narrow_product(x, kernel, 0)
+
+
+# --------------------------------------------------------------------------- #
+# A gradient's squared norm.
+# --------------------------------------------------------------------------- #
+
+
+@jax.custom_jvp
+def _sum_of_squares(x: Array) -> Array:
+    # Under vmap the batch axes come in front of the one row: one call sums
+    # every member's row.
+    out = jax.ffi.ffi_call("nnlib_sum_of_squares", jax.ShapeDtypeStruct((1,), jnp.float32),
+                           vmap_method="broadcast_all")(x.reshape(1, -1))
+    return _vary_as((x,), out[0])
+
+
+@_sum_of_squares.defjvp
+def _sum_of_squares_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return _sum_of_squares(x), 2 * jnp.vdot(x, dx)
+
+
+def sum_of_squares(x: Array) -> Array:
+    """``sum(x ** 2)`` as a float32 scalar (``jnp.vdot(x, x)`` accumulated in
+    float32 at least).
+
+    For a float32 ``x`` on the CPU with the kernels built, one pass of
+    ``native/sumsq.cc`` (in chunks of 65,536 elements summed in order, on the
+    calling thread below ~1M elements): XLA:CPU hands such a reduction to its
+    YNNPACK library as a windowed sum spread over the thread pool, which on
+    the benchmark MLP's first-layer gradient (784 x 512) took ~0.18 ms where
+    the pass takes a few tens of microseconds, on the train step's critical
+    path. Elsewhere ``jnp.vdot``. Differentiable; under ``jax.vmap`` one call
+    sums every member.
+    """
+    if x.dtype == jnp.float32 and jax.default_backend() == "cpu" and available():
+        return _sum_of_squares(x)
+    x = x.astype(np.promote_types(x.dtype, np.float32))  # bfloat16's squares are exact there
+    return jnp.vdot(x, x)
 
 
 # --------------------------------------------------------------------------- #

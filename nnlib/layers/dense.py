@@ -38,15 +38,28 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float
 
 from nnlib.layers._checks import check_input, param_shape
-from nnlib.layers._native import materialize
+from nnlib.layers._native import materialize, narrow_matmul, narrow_matmul_applies
 from nnlib.layers.activations import get_activation
 from nnlib.layers.normalization import BatchNorm, Dropout, LayerNorm
 
 Initializer = Callable[..., Array]
+
+
+_LAX_DOT = lax.dot_general
+_LAX_DOT_CODE = _LAX_DOT.__code__
+
+
+def dot_intercepted() -> bool:
+    """Whether something has replaced ``lax.dot_general`` for now (a
+    quantization library such as qwix patches it while it transforms a
+    model): a product it is meant to see stays XLA's, not the native one."""
+    current = lax.dot_general
+    return current is not _LAX_DOT or getattr(current, "__code__", None) is not _LAX_DOT_CODE
 
 
 def matmul_last_axis(
@@ -69,11 +82,16 @@ def matmul_last_axis(
     The leading axes are flattened (a free reshape) so that the product, and
     its transpose for the kernel gradient, is a plain ``[N, in] @ [in, out]``
     matrix product; a single row (``N = 1``) differentiates through its own
-    rule. See the module docstring for why both are faster.
+    rule, and a narrow float32 kernel (a classifier head) runs, with its
+    derivatives, in ``nnlib.layers._native.narrow_matmul`` on the CPU. See the
+    module docstring for why all three are faster.
     """
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] == 1:
         y = _row_matmul(rows, kernel, preferred_element_type)
+    elif (preferred_element_type in (None, jnp.float32) and not dot_intercepted()
+          and narrow_matmul_applies(*rows.shape, kernel.shape[1], rows.dtype, kernel.dtype)):
+        y = narrow_matmul(rows, kernel)
     else:
         y = jnp.matmul(rows, kernel, preferred_element_type=preferred_element_type)
     return y.reshape(*x.shape[:-1], kernel.shape[-1])

@@ -31,6 +31,21 @@ def test_dense_flops_are_two_in_out_batch(batch, fan_in, fan_out):
     assert flops(layer.apply, params, x, compiled=True) == 2 * fan_in * fan_out * batch
 
 
+def test_flops_count_the_math_of_a_native_product_traced_before():
+    """A 4-output head runs as a native call on the CPU, which XLA counts as no
+    work; ``flops`` traces the math instead, also for a function jitted and
+    run with the kernel before (JAX would otherwise reuse that trace)."""
+    layer = Dense(4, use_bias=False)
+    x = jnp.ones((8, 16))
+    params = layer.init(jax.random.key(0), x)
+    applied = jax.jit(layer.apply)
+    applied(params, x)
+    want = 2 * 16 * 4 * 8
+    assert flops(applied, params, x) == want == flops(applied, params, x, compiled=True)
+    report = cost_report(applied, params, x, time_it=False)
+    assert report["cost_flops_per_step"] == want
+
+
 def test_conv_flops_valid_padding():
     """XLA counts a convolution as a multiply and an add per tap and output;
     the CPU's shifted products for few channels (``Conv2D``'s default here)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import os
 import re
 import shutil
@@ -458,6 +459,9 @@ _SHARD_MAP_SCRIPT = textwrap.dedent("""
         program = str(jax.make_jaxpr(make_train_step())(state, batch))
         assert "nnlib_" in program, name
         assert ("nnlib_adamw" in program) == (name == "cnn"), name
+        assert "nnlib_sum_of_squares" in program, name  # the guard's norms
+        # The 3-class heads, the GPT's width-8 projections: the narrow product.
+        assert "nnlib_narrow_matmul" in program, name
         want, _ = jax.jit(make_train_step())(state, batch)
         step = par.make_data_parallel_train_step(mesh=mesh, method="shard_map")
         got, _ = step(par.replicate(state, mesh), par.shard_batch(batch, mesh=mesh))
@@ -675,3 +679,140 @@ def test_per_example_dense_gradients_form_each_factor_once(native):
     assert per_example.lower(params, x).compile().as_text().count("nnlib_copy") >= 4
     want = [jax.grad(loss)(params, xi) for xi in x]
     _close(per_example(params, x), jax.tree.map(lambda *a: jnp.stack(a), *want), tol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# Products with a narrow side (a classifier head), a gradient's squared norm.
+# --------------------------------------------------------------------------- #
+
+
+def _exact(a, b, mode):
+    """The product in float64 numpy (mode 0: a b, 1: a b^T, 2: a^T b)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return {0: lambda: a @ b, 1: lambda: a @ b.T, 2: lambda: a.T @ b}[mode]()
+
+
+# Rows that leave partial 12-, 4- and 6-row tiles; widths of 1, 7 and 16
+# (a whole vector); contractions that leave partial 64-column panels.
+@pytest.mark.parametrize("m, k, n", [(37, 29, 16), (13, 70, 7), (5, 3, 1), (256, 130, 10)])
+def test_narrow_matmul_matches_float64_in_every_mode(native, m, k, n):
+    rng = np.random.default_rng(m)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+    for mode, (a, b) in enumerate([(x, w), (dy, w), (x, dy)]):
+        call = jax.jit(lambda a, b, mode=mode: _native._narrow_p.bind(a, b, mode=mode))
+        assert "nnlib_narrow_matmul" in call.lower(a, b).compile().as_text()
+        want = _exact(a, b, mode)
+        np.testing.assert_allclose(np.asarray(call(a, b)), want, rtol=1e-5,
+                                   atol=1e-5 * np.abs(want).max())
+
+
+def test_narrow_matmul_every_derivative_is_native(native):
+    """Finite differences (first order, both modes); second order against the
+    same function on ``jnp.matmul``; the gradient program computes each
+    product natively and none in XLA's dots."""
+    from jax.test_util import check_grads
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((9, 20)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((20, 5)), jnp.float32)
+
+    def f(x, w, product=_native.narrow_matmul):
+        return jnp.sum(jnp.sin(product(jnp.tanh(x), w)))
+
+    check_grads(f, (x, w), order=1, modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)
+    grad = jax.jit(jax.grad(f, argnums=(0, 1)))
+    program = grad.lower(x, w).compile().as_text()
+    assert program.count("nnlib_narrow_matmul") >= 3 and " dot(" not in program
+    gx, gw = grad(x, w)
+    ct = np.cos(_exact(np.tanh(x), w, 0))
+    np.testing.assert_allclose(np.asarray(gw), _exact(np.tanh(x), ct, 2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gx), _exact(ct, w, 1) * (1 - np.tanh(x) ** 2),
+                               rtol=1e-5, atol=1e-5)
+    dx, dw = jnp.cos(x), jnp.sin(w)  # a Hessian-vector product, forward over reverse
+
+    def hvp(product):
+        g = jax.grad(functools.partial(f, product=product), argnums=(0, 1))
+        return jax.jit(lambda x, w: jax.jvp(g, (x, w), (dx, dw))[1])(x, w)
+
+    _close(hvp(_native.narrow_matmul), hvp(jnp.matmul), tol=1e-4)
+
+
+def test_narrow_matmul_under_vmap_is_the_unbatched_product(native):
+    """A batch of inputs folds into the rows of one call; a batch of kernels
+    (an ensemble) and per-example weight gradients run one call each: all
+    equal the unbatched calls bit for bit."""
+    rng = np.random.default_rng(2)
+    xs = jnp.asarray(rng.standard_normal((3, 6, 11)), jnp.float32)
+    ws = jnp.asarray(rng.standard_normal((3, 11, 4)), jnp.float32)
+    one = jax.jit(_native.narrow_matmul)
+    shared = jax.jit(jax.vmap(_native.narrow_matmul, (0, None)))
+    assert shared.lower(xs, ws[0]).compile().as_text().count("nnlib_narrow_matmul") == 1
+    np.testing.assert_array_equal(shared(xs, ws[0]), np.stack([one(x, ws[0]) for x in xs]))
+    both = jax.jit(jax.vmap(_native.narrow_matmul))
+    each = [one(x, w) for x, w in zip(xs, ws, strict=True)]
+    np.testing.assert_array_equal(both(xs, ws), np.stack(each))
+
+    def loss(w, x):
+        return jnp.sum(_native.narrow_matmul(x, w) ** 2)
+
+    per_example = jax.jit(jax.vmap(jax.grad(loss), (None, 0)))(ws[0], xs)
+    for i in range(3):
+        np.testing.assert_array_equal(per_example[i], jax.jit(jax.grad(loss))(ws[0], xs[i]))
+
+
+def test_dense_takes_the_narrow_product_only_where_it_applies(native):
+    """A float32 head of up to 16 outputs, not too large, on rows (not one row)."""
+    from nnlib.layers import Dense
+
+    def program(features, x, **kw):
+        layer = Dense(features, **kw)
+        params = layer.init(jax.random.key(0), x)
+        return jax.jit(jax.grad(lambda p: layer.apply(p, x).sum())).lower(params).as_text()
+
+    x = jnp.ones((8, 32), jnp.float32)
+    assert "nnlib_narrow_matmul" in program(16, x)
+    assert "nnlib_narrow_matmul" in program(3, jnp.ones((2, 4, 32)))  # leading axes flattened
+    assert "nnlib_narrow_matmul" not in program(17, x)
+    assert "nnlib_narrow_matmul" not in program(10, x.astype(jnp.bfloat16))
+    assert "nnlib_narrow_matmul" not in program(10, x[:1])  # one row: its own rule
+    assert _native.narrow_matmul_applies(2048, 512, 8) and not _native.narrow_matmul_applies(
+        4096, 512, 8)  # more than NARROW_MAX_MACS multiply-adds: XLA's, on every thread
+    with _native.turned_off():
+        assert "nnlib_narrow_matmul" not in program(16, x)
+    original = jax.lax.dot_general  # replaced, as qwix does while it quantizes a model
+    try:
+        jax.lax.dot_general = lambda *a, **k: original(*a, **k)
+        assert "nnlib_narrow_matmul" not in program(16, x)
+    finally:
+        jax.lax.dot_general = original
+    assert "nnlib_narrow_matmul" in program(16, x)
+
+
+@pytest.mark.parametrize("shape", [(784, 512), (7,), (3, 5, 7), (0,), (1_200_000,)])
+def test_sum_of_squares_matches_float64(native, shape):
+    """Tails of partial vectors, several 65,536-element chunks, the threaded
+    path above ~1M elements, an empty array."""
+    x = jnp.asarray(np.random.default_rng(3).standard_normal(shape), jnp.float32)
+    got = jax.jit(_native.sum_of_squares)(x)
+    assert got.dtype == jnp.float32 and got.shape == ()
+    np.testing.assert_allclose(float(got), np.sum(np.asarray(x, np.float64) ** 2), rtol=1e-6)
+    assert "nnlib_sum_of_squares" in jax.jit(_native.sum_of_squares).lower(x).as_text()
+    np.testing.assert_array_equal(jax.jit(_native.sum_of_squares)(x), got)  # repeats exactly
+
+
+def test_sum_of_squares_differentiates_batches_and_falls_back(native):
+    from jax.test_util import check_grads
+
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((4, 30)), jnp.float32)
+    check_grads(_native.sum_of_squares, (x,), order=1, modes=("fwd", "rev"), rtol=1e-2)
+    v = jnp.cos(x)  # the Hessian is 2 I
+    hvp = jax.jvp(jax.grad(_native.sum_of_squares), (x,), (v,))[1]
+    np.testing.assert_allclose(np.asarray(hvp), 2 * np.asarray(v), rtol=1e-6)
+    rows = jax.jit(jax.vmap(_native.sum_of_squares))(x)
+    np.testing.assert_array_equal(rows, np.stack([jax.jit(_native.sum_of_squares)(r) for r in x]))
+    half = x.astype(jnp.bfloat16)  # other dtypes: jnp.vdot, accumulated in float32
+    assert "nnlib_sum_of_squares" not in jax.jit(_native.sum_of_squares).lower(half).as_text()
+    np.testing.assert_allclose(float(_native.sum_of_squares(half)),
+                               np.sum(np.asarray(half, np.float64) ** 2), rtol=1e-6)
