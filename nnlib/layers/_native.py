@@ -97,7 +97,7 @@ TARGETS = {
     "nnlib_adamw": "NnlibAdamW",
     "nnlib_copy": "NnlibCopy",
     "nnlib_narrow_matmul": "NnlibNarrowMatmul",
-    "nnlib_sum_of_squares": "NnlibSumOfSquares",
+    "nnlib_sum_of_squares": "NnlibSumsOfSquares",
 }
 _FORWARD, _BACKWARD = "nnlib_lstm_forward", "nnlib_lstm_backward"
 _lock = threading.Lock()
@@ -1181,37 +1181,57 @@ def narrow_matmul(x: Array, kernel: Array) -> Array:
 
 
 @jax.custom_jvp
-def _sum_of_squares(x: Array) -> Array:
-    # Under vmap the batch axes come in front of the one row: one call sums
-    # every member's row.
-    out = jax.ffi.ffi_call("nnlib_sum_of_squares", jax.ShapeDtypeStruct((1,), jnp.float32),
-                           vmap_method="broadcast_all")(x.reshape(1, -1))
-    return _vary_as((x,), out[0])
+def _sums_of_squares(*xs: Array) -> Array:
+    # Each as one row; under vmap the batch axes come in front of it: one call
+    # sums every leaf of every member.
+    out = jax.ffi.ffi_call("nnlib_sum_of_squares",
+                           jax.ShapeDtypeStruct((1, len(xs)), jnp.float32),
+                           vmap_method="broadcast_all")(*(x.reshape(1, -1) for x in xs))
+    return _vary_as(xs, out[0])
 
 
-@_sum_of_squares.defjvp
-def _sum_of_squares_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    return _sum_of_squares(x), 2 * jnp.vdot(x, dx)
+@_sums_of_squares.defjvp
+def _sums_of_squares_jvp(primals, tangents):
+    return _sums_of_squares(*primals), jnp.stack(
+        [2 * jnp.vdot(x, dx) for x, dx in zip(primals, tangents, strict=True)])
+
+
+def _native_sums(x: Array) -> bool:
+    return x.dtype == jnp.float32 and jax.default_backend() == "cpu" and available()
+
+
+def sums_of_squares(xs: Any) -> Array:
+    """``[sum(x ** 2) for x in xs]`` as a float32 vector (each ``jnp.vdot(x,
+    x)`` accumulated in float32 at least).
+
+    The float32 arrays, on the CPU with the kernels built, in one call of
+    ``native/sumsq.cc``: one pass over each, in chunks of 65,536 elements
+    summed in order, on the calling thread below ~1M elements in all and
+    shared with the pool above. XLA:CPU hands each such reduction to its
+    YNNPACK library as a windowed sum spread over the thread pool: on the
+    benchmark MLP's train step the first layer's gradient (784 x 512) took
+    0.18-0.24 ms that way, the last thing its update waited for, and the
+    leaves' separate reductions each waited on a thread to start. Other
+    dtypes and platforms: ``jnp.vdot``. Differentiable; under ``jax.vmap``
+    one call sums every member's leaves.
+    """
+    xs = list(xs)
+    native = [i for i, x in enumerate(xs) if _native_sums(x)]
+    out: list[Any] = [None] * len(xs)
+    if native:
+        sums = _sums_of_squares(*(xs[i] for i in native))
+        for j, i in enumerate(native):
+            out[i] = sums[j]
+    for i, x in enumerate(xs):
+        if out[i] is None:
+            x = x.astype(np.promote_types(x.dtype, np.float32))  # bfloat16's squares are exact
+            out[i] = jnp.vdot(x, x).astype(jnp.float32)
+    return jnp.stack(out) if out else jnp.zeros((0,), jnp.float32)
 
 
 def sum_of_squares(x: Array) -> Array:
-    """``sum(x ** 2)`` as a float32 scalar (``jnp.vdot(x, x)`` accumulated in
-    float32 at least).
-
-    For a float32 ``x`` on the CPU with the kernels built, one pass of
-    ``native/sumsq.cc`` (in chunks of 65,536 elements summed in order, on the
-    calling thread below ~1M elements): XLA:CPU hands such a reduction to its
-    YNNPACK library as a windowed sum spread over the thread pool, which on
-    the benchmark MLP's first-layer gradient (784 x 512) took ~0.18 ms where
-    the pass takes a few tens of microseconds, on the train step's critical
-    path. Elsewhere ``jnp.vdot``. Differentiable; under ``jax.vmap`` one call
-    sums every member.
-    """
-    if x.dtype == jnp.float32 and jax.default_backend() == "cpu" and available():
-        return _sum_of_squares(x)
-    x = x.astype(np.promote_types(x.dtype, np.float32))  # bfloat16's squares are exact there
-    return jnp.vdot(x, x)
+    """``sum(x ** 2)`` as a float32 scalar: ``sums_of_squares([x])[0]``."""
+    return sums_of_squares([x])[0]
 
 
 # --------------------------------------------------------------------------- #

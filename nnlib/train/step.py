@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from nnlib import losses
 from nnlib import metrics as metrics_lib
-from nnlib.layers._native import sum_of_squares
+from nnlib.layers._native import sums_of_squares
 from nnlib.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -119,10 +119,10 @@ def guarded_update(
     One reduction per gradient leaf serves the norm and the guard: a leaf is
     finite iff its sum of squares is (NaN and inf propagate into it), so a
     finite gradient whose square overflows counts as non-finite too — Adam's
-    second moment would overflow on it. On the CPU a float32 leaf's sum is one
-    native pass (``nnlib.layers._native.sum_of_squares``): XLA's reduction of
-    the benchmark MLP's 784 x 512 gradient, the last thing the update waits
-    for, took ~0.18 ms of a ~4 ms step. The guard is a ``lax.cond``: the
+    second moment would overflow on it. On the CPU the float32 leaves' sums are
+    one native call (``nnlib.layers._native.sums_of_squares``): XLA's
+    reduction of the benchmark MLP's 784 x 512 gradient, the last thing the
+    update waits for, took ~0.2 ms of a ~4 ms step. The guard is a ``lax.cond``: the
     update runs only when it is kept and does not wait on the guard cell by
     cell (under ``vmap`` JAX turns it into a per-member select). Inside
     ``pmap``/``shard_map`` pass ``use_cond=False``: the new state may vary
@@ -135,7 +135,7 @@ def guarded_update(
     step; on the 8-member vmapped ensemble, selecting the whole state after
     the fused update took 16.7 ms a step, keeping it in the kernel 9.8.)
     """
-    leaf_squares = jnp.stack([sum_of_squares(g) for g in jax.tree.leaves(grads)])
+    leaf_squares = sums_of_squares(jax.tree.leaves(grads))
     leaf_finite = jnp.isfinite(leaf_squares)
     finite = jnp.all(leaf_finite)
     if loss is not None:

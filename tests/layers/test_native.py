@@ -816,3 +816,25 @@ def test_sum_of_squares_differentiates_batches_and_falls_back(native):
     assert "nnlib_sum_of_squares" not in jax.jit(_native.sum_of_squares).lower(half).as_text()
     np.testing.assert_allclose(float(_native.sum_of_squares(half)),
                                np.sum(np.asarray(half, np.float64) ** 2), rtol=1e-6)
+
+
+def test_sums_of_squares_of_many_leaves_in_one_call(native):
+    """A train step's leaves in one call (other dtypes through ``jnp.vdot``),
+    each sum what the single-array call gives bit for bit, and under vmap
+    every member's sums in that one call."""
+    rng = np.random.default_rng(5)
+    leaves = [jnp.asarray(rng.standard_normal(shape), dtype) for shape, dtype in
+              [((784, 512), jnp.float32), ((7,), jnp.float32), ((5, 3), jnp.bfloat16),
+               ((0,), jnp.float32), ((1_100_000,), jnp.float32)]]
+    program = jax.jit(_native.sums_of_squares).lower(leaves).as_text()
+    assert program.count("@nnlib_sum_of_squares") == 1
+    got = np.asarray(jax.jit(_native.sums_of_squares)(leaves))
+    want = [np.sum(np.asarray(x, np.float64) ** 2) for x in leaves]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for x, g in zip(leaves, got, strict=True):
+        assert g == float(jax.jit(_native.sum_of_squares)(x))
+    batch = jnp.asarray(rng.standard_normal((3, 40, 9)), jnp.float32)
+    per_member = jax.jit(jax.vmap(lambda b: _native.sums_of_squares([b, b[:5]])))
+    assert per_member.lower(batch).as_text().count("@nnlib_sum_of_squares") == 1
+    np.testing.assert_array_equal(per_member(batch), np.stack(
+        [jax.jit(_native.sums_of_squares)([b, b[:5]]) for b in batch]))

@@ -1,5 +1,5 @@
-// Sums of squares over the last axis of a float32 array: out[r] = sum_j
-// x[r, j]^2 (a gradient's squared norm, which a guarded train step forms
+// Sums of squares over the last axis of float32 arrays: out[r, i] = sum_j
+// x_i[r, j]^2 (gradients' squared norms, which a guarded train step forms
 // for every leaf before it may update). XLA:CPU reduces a large array as a
 // windowed reduction in its YNNPACK library, splitting even a few hundred
 // thousand elements over the thread pool; this reads them once at the
@@ -45,39 +45,64 @@ float chunk_sum_of_squares(const float* p, int64_t n) {
   return sum;
 }
 
-ffi::Error SumOfSquares(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                        ffi::ResultBuffer<ffi::F32> out) {
-  auto dims = x.dimensions();
-  if (dims.size() == 0) return ffi::Error::InvalidArgument("sum of squares: x needs an axis");
-  const int64_t cols = dims.back();
-  const int64_t rows = cols == 0 ? out->element_count() : x.element_count() / cols;
-  const float* xp = x.typed_data();
-  float* op = out->typed_data();
-  const int64_t per_row = std::max<int64_t>(1, (cols + kChunk - 1) / kChunk);
-  auto chunk = [&](int64_t q) {
-    const int64_t r = q / per_row, j0 = q % per_row * kChunk;
-    return chunk_sum_of_squares(xp + r * cols + j0, std::min(kChunk, cols - j0));
+// Every argument x_i [..., n_i] (the same rows R = size / n_i in each: 1,
+// or a vmapped batch) into out [R, k], out[r, i] = sum_j x_i[r, j]^2: one
+// call for all of a step's gradient leaves, chunks of all of them shared by
+// the threads where there are at least kParallelMin elements in all.
+ffi::Error SumsOfSquares(ffi::ThreadPool pool, ffi::RemainingArgs args,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  const int64_t k = static_cast<int64_t>(args.size());
+  if (k == 0) return ffi::Error::Success();
+  const int64_t rows = out->element_count() / k;
+  struct Leaf {
+    const float* data;
+    int64_t cols, per_row, first;  // first: the leaf's first chunk
   };
-  std::vector<float> partial(rows * per_row);
-  auto fill = [&](int64_t q) { partial[q] = chunk(q); };
-  if (rows * cols < kParallelMin) {
-    for (int64_t q = 0; q < rows * per_row; ++q) fill(q);
+  std::vector<Leaf> leaves;
+  int64_t chunks = 0, elements = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    auto x = args.get<ffi::Buffer<ffi::F32>>(i);
+    if (!x.has_value()) return x.error();
+    auto dims = x->dimensions();
+    const int64_t cols = dims.size() == 0 ? 1 : dims.back();
+    if (cols * rows != static_cast<int64_t>(x->element_count()))
+      return ffi::Error::InvalidArgument("sums of squares: every argument needs the same rows");
+    const int64_t per_row = std::max<int64_t>(1, (cols + kChunk - 1) / kChunk);
+    leaves.push_back({x->typed_data(), cols, per_row, chunks});
+    chunks += rows * per_row;
+    elements += rows * cols;
+  }
+  std::vector<float> partial(chunks);
+  auto fill = [&](int64_t q) {
+    // The leaf holding chunk q: the last whose first chunk is at most q.
+    const Leaf& leaf = *(std::upper_bound(leaves.begin(), leaves.end(), q,
+                                          [](int64_t v, const Leaf& l) { return v < l.first; }) - 1);
+    const int64_t local = q - leaf.first, r = local / leaf.per_row;
+    const int64_t j0 = local % leaf.per_row * kChunk;
+    partial[q] = chunk_sum_of_squares(leaf.data + r * leaf.cols + j0,
+                                      std::min(kChunk, leaf.cols - j0));
+  };
+  if (elements < kParallelMin) {
+    for (int64_t q = 0; q < chunks; ++q) fill(q);
   } else {
     Phases phases(1);
-    run_job(pool, [&] { phases.run(0, rows * per_row, fill); });
+    run_job(pool, [&] { phases.run(0, chunks, fill); });
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    float sum = 0.0f;
-    for (int64_t c = 0; c < per_row; ++c) sum += partial[r * per_row + c];
-    op[r] = sum;
-  }
+  float* op = out->typed_data();
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t r = 0; r < rows; ++r) {
+      float sum = 0.0f;
+      const float* p = partial.data() + leaves[i].first + r * leaves[i].per_row;
+      for (int64_t c = 0; c < leaves[i].per_row; ++c) sum += p[c];
+      op[r * k + i] = sum;
+    }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibSumOfSquares, SumOfSquares,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NnlibSumsOfSquares, SumsOfSquares,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [..., n]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // [...]
+                                  .RemainingArgs()                 // x_i [..., n_i]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [rows, k]
