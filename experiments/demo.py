@@ -92,8 +92,8 @@ def main() -> None:
     if rows and "cost_energy_kwh" in rows[0][1]:
         m = rows[0][1]
         print(f"MFLOP/step: XLA's count for one training step, a scan/while loop body once "
-              f"(nnlib's native CPU kernels not at all: the LSTM's recurrence, the "
-              f"convolutions' kernel gradients, LayerNorm's backward, AdamW's update)."
+              f"(the step's math: traced without nnlib's native CPU kernels, whose calls "
+              f"XLA cannot count)."
               f"\nenergy: an estimate for the whole run "
               f"({m['cost_device_power_w']:g} W x utilization {m['cost_utilization']:g} x PUE "
               f"{m['cost_pue']:g} on {m['cost_device']}).")
