@@ -1063,9 +1063,12 @@ def adamw_update(params: Array, grads: Array, mu: Array, nu: Array,
 
 #: The widest narrow side (outputs of the layer) the kernel takes.
 NARROW_MAX_WIDTH = 16
-#: Products of more multiply-adds than this run in XLA, on every thread
-#: (~70 us on one core at the benchmark machine's rate).
-NARROW_MAX_MACS = 1 << 23
+#: Products of more multiply-adds than this run in XLA, on every thread. On
+#: the 2-core benchmark machine, in a loop of dependent calls (no waiting on
+#: the pool as inside a train step), native against XLA at 256 x 512 x 10
+#: (1.3M): forward 64 / 61 us, input gradient 20 / 44, weight gradient 68 /
+#: 121; at 1024 x 512 x 10 (5.2M): 290 / 118, 106 / 82, 452 / 545.
+NARROW_MAX_MACS = 1 << 21
 
 
 def _narrow_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], mode: int) -> tuple[int, int]:

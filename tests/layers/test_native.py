@@ -777,8 +777,8 @@ def test_dense_takes_the_narrow_product_only_where_it_applies(native):
     assert "nnlib_narrow_matmul" not in program(17, x)
     assert "nnlib_narrow_matmul" not in program(10, x.astype(jnp.bfloat16))
     assert "nnlib_narrow_matmul" not in program(10, x[:1])  # one row: its own rule
-    assert _native.narrow_matmul_applies(2048, 512, 8) and not _native.narrow_matmul_applies(
-        4096, 512, 8)  # more than NARROW_MAX_MACS multiply-adds: XLA's, on every thread
+    assert _native.narrow_matmul_applies(256, 512, 16) and not _native.narrow_matmul_applies(
+        257, 512, 16)  # more than NARROW_MAX_MACS multiply-adds: XLA's, on every thread
     with _native.turned_off():
         assert "nnlib_narrow_matmul" not in program(16, x)
     original = jax.lax.dot_general  # replaced, as qwix does while it quantizes a model
