@@ -32,7 +32,7 @@ using namespace nnlib_native;
 
 constexpr int64_t kNarrow = 16;
 constexpr int kNarrowVecs = (kNarrow + kVec - 1) / kVec;  // 1 (AVX-512), 2 (AVX2)
-constexpr int kNarrowRows = kNarrowVecs == 1 ? 12 : 6;    // tiles of 12 or 12 accumulators
+constexpr int kNarrowRows = kNarrowVecs == 1 ? 12 : 6;    // 12 accumulators either way
 
 // C[0:R, 0:n] = sum_k A(r, k) Bp[k, :], A(r, k) = a[k lda + r] (kAByK) or
 // a[r lda + k]; Bp rows of kNarrowVecs vectors; C with row stride ldc.
