@@ -183,7 +183,7 @@ def _trace_state() -> Any:
 
 
 _TRACE_STATE = _trace_state()
-_off = threading.local()
+_off = threading.local()  # where _TRACE_STATE is missing
 
 
 @contextlib.contextmanager
@@ -193,23 +193,29 @@ def turned_off() -> Iterator[None]:
     function traced before with the kernels. XLA's cost analysis counts no
     work inside a native call, so FLOP counts trace the program this way
     (``nnlib.compress.cost``)."""
+    if _TRACE_STATE is not None:
+        with _TRACE_STATE(False):
+            yield
+        return
     depth = getattr(_off, "depth", 0)
     _off.depth = depth + 1
     try:
-        if _TRACE_STATE is None:
-            yield
-        else:
-            with _TRACE_STATE(False):
-                yield
+        yield
     finally:
         _off.depth = depth
+
+
+def _turned_off() -> bool:
+    if _TRACE_STATE is not None:
+        return not _TRACE_STATE.value
+    return getattr(_off, "depth", 0) > 0
 
 
 def available() -> bool:
     """Whether the native kernels are built and registered with XLA (builds them
     on the first call; ``False`` with ``NNLIB_NATIVE=0``, inside ``turned_off()``
     or when they cannot be built, the reason in ``reason()``)."""
-    if not env_enabled("NNLIB_NATIVE") or getattr(_off, "depth", 0):
+    if not env_enabled("NNLIB_NATIVE") or _turned_off():
         return False
     with _lock:
         if _state["loaded"] is None:
@@ -1204,8 +1210,9 @@ def _native_sums(x: Array) -> bool:
 
 
 def sums_of_squares(xs: Any) -> Array:
-    """``[sum(x ** 2) for x in xs]`` as a float32 vector (each ``jnp.vdot(x,
-    x)`` accumulated in float32 at least).
+    """``[sum(x ** 2) for x in xs]`` as a vector (each ``jnp.vdot(x, x)``
+    accumulated in float32 at least; the vector in the widest of those dtypes,
+    float32 unless an array is wider).
 
     The float32 arrays, on the CPU with the kernels built, in one call of
     ``native/sumsq.cc``: one pass over each, in chunks of 65,536 elements
@@ -1219,6 +1226,10 @@ def sums_of_squares(xs: Any) -> Array:
     one call sums every member's leaves.
     """
     xs = list(xs)
+    # Each sum in its array's dtype promoted with float32 (bfloat16's squares
+    # are exact there), all of them in the widest of those.
+    wide = [np.promote_types(x.dtype, np.float32) for x in xs]
+    dtype = functools.reduce(np.promote_types, wide, np.dtype(np.float32))
     native = [i for i, x in enumerate(xs) if _native_sums(x)]
     out: list[Any] = [None] * len(xs)
     if native:
@@ -1227,13 +1238,13 @@ def sums_of_squares(xs: Any) -> Array:
             out[i] = sums[j]
     for i, x in enumerate(xs):
         if out[i] is None:
-            x = x.astype(np.promote_types(x.dtype, np.float32))  # bfloat16's squares are exact
-            out[i] = jnp.vdot(x, x).astype(jnp.float32)
-    return jnp.stack(out) if out else jnp.zeros((0,), jnp.float32)
+            x = x.astype(wide[i])
+            out[i] = jnp.vdot(x, x)
+    return jnp.stack([o.astype(dtype) for o in out]) if out else jnp.zeros((0,), dtype)
 
 
 def sum_of_squares(x: Array) -> Array:
-    """``sum(x ** 2)`` as a float32 scalar: ``sums_of_squares([x])[0]``."""
+    """``sum(x ** 2)`` as a scalar, float32 at least: ``sums_of_squares([x])[0]``."""
     return sums_of_squares([x])[0]
 
 

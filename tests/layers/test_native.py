@@ -838,3 +838,15 @@ def test_sums_of_squares_of_many_leaves_in_one_call(native):
     assert per_member.lower(batch).as_text().count("@nnlib_sum_of_squares") == 1
     np.testing.assert_array_equal(per_member(batch), np.stack(
         [jax.jit(_native.sums_of_squares)([b, b[:5]]) for b in batch]))
+
+
+def test_sums_of_squares_keep_a_wider_dtype(native):
+    """With float64 arrays (x64 on) the sums stay float64: the float32 leaves'
+    in the native call, the float64 one through ``jnp.vdot``, all widened."""
+    with jax.enable_x64(True):
+        wide = jnp.asarray(np.linspace(0.0, 1.0, 5) + 1e-12, jnp.float64)
+        narrow = jnp.ones(3, jnp.float32)
+        got = jax.jit(_native.sums_of_squares)([wide, narrow])
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(float(got[0]), np.sum(np.asarray(wide) ** 2), rtol=1e-14)
+        assert float(got[1]) == 3.0
